@@ -176,7 +176,7 @@ def test_presets_of_shipped_file(shipped):
     cells = resolve_cells(shipped, "squeeze", preset="smoke")
     assert len(cells) == 2 and {c.seed for c in cells} == {0}
     c = cells[0].config
-    assert (c.dataset.train_size, c.dataset.test_size, c.train.epochs, c.train.batch_size, c.train.lr) == (1000, 500, 1, 128, 0.1)
+    assert (c.dataset.train_size, c.dataset.test_size, c.train.epochs, c.train.batch_size, c.train.lr) == (320, 200, 1, 32, 0.05)
     quick = resolve_cells(shipped, "squeeze", preset="quick")
     assert [x.seed for x in quick] == [0, 0, 1, 1] and quick[0].config.train.epochs == 5
 

@@ -1,0 +1,128 @@
+"""run_ablation: train the cells of declarative SE ablation grids and track them in MLflow.
+
+Exit codes: 0 every cell done; 1 some cell failed (each is named); 2 bad input; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from typing import Sequence
+
+import torch
+
+from ablations.config import Cell, ConfigError, load_experiments, parse_seeds, resolve_cells
+from ablations.data import DataError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_ablation.py",
+        description="Run SENet ablation grids from experiments.yaml: every cell (variant x seed) is trained, "
+                    "evaluated and logged to MLflow; cells already FINISHED are skipped.",
+        epilog="Exit codes: 0 all cells done, 1 some cell failed, 2 bad input, 130 interrupted.",
+    )
+    p.add_argument("--config", default="experiments.yaml", metavar="PATH", help="experiments file (default: %(default)s)")
+    p.add_argument("--grid", action="append", default=[], metavar="NAME", help="grid to run; repeat for several")
+    p.add_argument("--preset", metavar="NAME", help="named override set from the file's presets, e.g. smoke")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a dotted key, typed by the schema (e.g. train.epochs=5); repeatable")
+    p.add_argument("--seeds", metavar="LIST", help="comma-separated seeds, e.g. 0,1,2 (overrides the file)")
+    p.add_argument("--list", action="store_true", help="list the grids with their descriptions")
+    p.add_argument("--dry-run", action="store_true", help="print every cell with variant, seed, Params and GFLOPs; train nothing")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
+    p.add_argument("--data-root", metavar="PATH", help="where datasets are found or downloaded (overrides dataset.root)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="run every cell, even those already FINISHED")
+    return p
+
+
+def _cells(args: argparse.Namespace) -> tuple[object, list[tuple[str, list[Cell]]]]:
+    exps = load_experiments(args.config)
+    if args.list:
+        return exps, []
+    if not args.grid:
+        raise ConfigError(f"--grid: name at least one grid (have: {', '.join(exps.grids)}); --list describes them")
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    grids = []
+    for name in dict.fromkeys(args.grid):
+        cells = resolve_cells(exps, name, preset=args.preset, sets=args.sets, seeds=seeds)
+        if args.data_root:
+            cells = [replace(c, config=c.config.model_copy(update={
+                "dataset": c.config.dataset.model_copy(update={"root": args.data_root})})) for c in cells]
+        grids.append((name, cells))
+    return exps, grids
+
+
+def _dry_run(grids: list[tuple[str, list[Cell]]], as_json: bool) -> None:
+    from ablations.runner import expected_image_size, expected_num_classes, with_num_classes
+    from senet import build_model, complexity
+
+    rows = []
+    for grid, cells in grids:
+        for cell in cells:
+            ds = cell.config.dataset
+            config = with_num_classes(cell.config, expected_num_classes(ds, cell.config.model.num_classes))
+            size = expected_image_size(ds)
+            with torch.device("meta"):
+                c = complexity(build_model(config.model), size)
+            rows.append(dict(grid=grid, variant=cell.variant, seed=cell.seed, cell_id=cell.cell_id, params=c.params,
+                             caffe_params=c.caffe_params, gflops=round(c.gflops, 5), input_size=size,
+                             config=config.model_dump(mode="json")))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'grid':12s} {'variant':24s} {'seed':>4s}  {'cell_id':16s} {'Params':>9s} {'GFLOPs':>8s}")
+    for r in rows:
+        print(f"{r['grid']:12s} {r['variant']:24s} {r['seed']:>4d}  {r['cell_id']:16s} "
+              f"{r['params'] / 1e6:8.3f}M {r['gflops']:8.4f}")
+    print(f"{len(rows)} cells (GFLOPs = multiply-adds at the input size shown by --json)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        exps, grids = _cells(args)
+        if args.list:
+            for name, grid in exps.grids.items():
+                table = f" [Table {grid.paper_table}]" if grid.paper_table else ""
+                print(f"{name:12s}{table:11s} {grid.description}")
+            return EXIT_OK
+        if args.dry_run:
+            _dry_run(grids, args.json)
+            return EXIT_OK
+        from ablations.runner import run_grid
+        from ablations.tracking import default_tracking_uri
+        from ablations.train import resolve_device
+
+        device = resolve_device(args.device)
+        tracking_uri = args.tracking_uri or default_tracking_uri()
+        outcomes = []
+        for name, cells in grids:
+            grid = exps.grids[name]
+            tags = {"paper_table": str(grid.paper_table)} if grid.paper_table else {}
+            outcomes.append(run_grid(name, cells, tracking_uri=tracking_uri, device=device,
+                                     description=grid.description, force=args.force, tags=tags))
+    except (ConfigError, DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: the running cell is marked KILLED and runs again next time", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+    failed = [(o.grid, c, reason) for o in outcomes for c, reason in o.failed]
+    for o in outcomes:
+        print(f"grid {o.grid}: {len(o.finished)} finished, {len(o.skipped)} skipped (already done), "
+              f"{len(o.failed)} failed; tracking {tracking_uri}", file=sys.stderr)
+    for grid, cell, reason in failed:
+        print(f"FAILED {grid}/{cell.variant} seed={cell.seed} (cell_id {cell.cell_id}): {reason}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,798 @@
+"""Datasets as decoded uint8 arrays, cached on disk, and a DataLoader-free batch iterator.
+
+Every dataset is decoded ONCE into equal-size uint8 images (N, H, W, 3) + int64 labels and
+cached as .npy under ``cache_dir`` (images reopened with ``mmap_mode='r'``). Training slices
+those arrays directly, moves the batch to the device and augments the whole batch there
+(see ``ablations.augment``). On CUDA a split that fits is made resident on the GPU once.
+
+Archives (.tar.gz) are decoded straight from the tar stream rather than extracted first:
+extracting CIFAR-10's 60k files with tarfile alone took ~20 s, twice the decode, and would
+leave loose files in the cache. Nothing is ever written next to the source.
+
+Normalisation constants: cifar10/cifar100 use the standard published per-channel constants
+(so every subset and source - torchvision pickles or the JPEG copy - normalises identically);
+imagefolder and synthetic use mean/std computed from the (subset) train split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tarfile
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ablations import augment
+
+__all__ = [
+    "Split", "Dataset", "DataError", "DeviceSplit", "load_dataset", "iterate_batches",
+    "device_split", "clear_device_cache", "default_cache_dir", "CIFAR10_CLASSES",
+]
+
+CACHE_VERSION = 1  # bump when the on-disk layout or decode rules change
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"})
+CIFAR_STYLE_MAX_PX = 64  # stored images up to this size get CIFAR-style augmentation
+EVAL_MARGIN = 8 / 7  # imagenet style stores round(size * 8/7) so crops have room (256 for 224)
+_PROGRESS_EVERY_S = 5.0
+
+
+class DataError(RuntimeError):
+    """A dataset could not be found, decoded or subset; the message is one line."""
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    images: np.ndarray  # uint8 (N, H, W, 3), possibly a read-only memmap
+    labels: np.ndarray  # int64 (N,)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    name: str  # 'cifar10', 'cifar100', 'imagefolder', 'synthetic'
+    source: str  # where the pixels came from, e.g. 'torchvision:/path', 'jpeg-archive:/x.tar.gz'
+    classes: tuple[str, ...]
+    train: Split
+    test: Split
+    mean: tuple[float, float, float]  # per channel, [0, 1] units
+    std: tuple[float, float, float]
+    style: str  # 'cifar' (pad-crop-flip) or 'imagenet' (random-resized-crop + flip, centre-crop eval)
+    image_size: int  # the size the model sees
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("SENET_ABLATIONS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "senet-ablations"
+
+
+def _fail(name: str, msg: str) -> DataError:
+    return DataError(f"dataset {name}: {msg}".replace("\n", " "))
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+
+
+def _hash_key(parts: dict) -> str:
+    blob = json.dumps({**parts, "v": CACHE_VERSION}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _file_fingerprint(path: Path) -> list:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _tree_fingerprint(root: Path) -> str:
+    """Hash of every file's relative path, size and mtime: a changed tree re-decodes.
+
+    Directory mtimes alone miss edits deep in the tree; stat-ing all files is cheap (~0.1 s
+    for 60k) compared with decoding them.
+    """
+    h = hashlib.sha256(str(root.resolve()).encode())
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for fn in sorted(filenames):
+            p = os.path.join(dirpath, fn)
+            st = os.stat(p)
+            h.update(f"{os.path.relpath(p, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive inter-process lock so concurrent runs decode a dataset once, not N times."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            import fcntl
+        except ImportError:  # non-POSIX: atomic renames alone still keep the cache consistent
+            yield
+            return
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Atomically move a fully written temp dir into place; if another process won, keep theirs."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fresh_tmp(final: Path) -> Path:
+    # Leftovers of killed runs share the prefix; we hold the lock, so they are safe to delete.
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _progress(label: str, total: int | None) -> Callable[..., None]:
+    """Returns tick(done, final=False): a stderr line every few seconds with count, total, ETA."""
+    start = last = time.monotonic()
+
+    def tick(done: int, final: bool = False) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < _PROGRESS_EVERY_S and not (final and now - start >= _PROGRESS_EVERY_S):
+            return  # quiet between reports, and entirely for short jobs
+        last = now
+        of = f"/{total}" if total else ""
+        eta = f", ETA {(now - start) / max(done, 1) * (total - done):.0f}s" if total and not final else ""
+        print(f"{label}: {done}{of} images, {now - start:.0f}s{eta}", file=sys.stderr, flush=True)
+
+    return tick
+
+
+# --------------------------------------------------------------------------- on-disk cache
+
+_SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """A full decoded dataset as written to / read from the cache."""
+
+    classes: tuple[str, ...]
+    train: Split
+    test: Split
+    meta: dict  # extra JSON-able facts (e.g. full-train mean/std)
+
+
+def _write_cache(dst: Path, dec: _Decoded) -> None:
+    for s in _SPLITS:
+        split: Split = getattr(dec, s)
+        np.save(dst / f"{s}_images.npy", np.ascontiguousarray(split.images, dtype=np.uint8))
+        np.save(dst / f"{s}_labels.npy", np.asarray(split.labels, dtype=np.int64))
+    (dst / "meta.json").write_text(json.dumps({**dec.meta, "classes": list(dec.classes)}))
+
+
+def _read_cache(src: Path) -> _Decoded:
+    meta = json.loads((src / "meta.json").read_text())
+    splits = {
+        s: Split(np.load(src / f"{s}_images.npy", mmap_mode="r"), np.load(src / f"{s}_labels.npy"))
+        for s in _SPLITS
+    }
+    return _Decoded(tuple(meta.pop("classes")), splits["train"], splits["test"], meta)
+
+
+def _cached(cache_dir: Path, tag: str, key: dict, decode: Callable[[], _Decoded]) -> _Decoded:
+    """Return the cached decode for ``key``, running ``decode`` (once, under a lock) on a miss."""
+    final = cache_dir / f"{tag}-{_hash_key(key)}"
+    if (final / "meta.json").is_file():
+        return _read_cache(final)
+    with _file_lock(cache_dir / f".{final.name}.lock"):
+        if not (final / "meta.json").is_file():  # another process may have finished meanwhile
+            dec = decode()
+            tmp = _fresh_tmp(final)
+            _write_cache(tmp, dec)
+            (tmp / "key.json").write_text(json.dumps(key, indent=1))  # for humans inspecting it
+            _publish_dir(tmp, final)
+    return _read_cache(final)
+
+
+# --------------------------------------------------------------------------- image decoding
+
+_Key = tuple[str, str, str]  # (split folder: train/val/test, class folder, file name)
+_EVAL_SPLITS = ("val", "test")  # the first one present is the test split
+
+
+def _stored_size(image_size: int | None) -> tuple[int | None, str | None]:
+    """(square side stored in the cache, style) for a requested model image size.
+
+    Small targets are stored at their own size (pad-crop needs no margin); larger ones at
+    round(size * 8/7) so random-resized-crop has room and eval centre-crops.
+    """
+    if image_size is None:
+        return None, None  # native size; style decided from it
+    big = round(image_size * EVAL_MARGIN)
+    return (image_size, "cifar") if big <= CIFAR_STYLE_MAX_PX else (big, "imagenet")
+
+
+def _decode_one(src: Path | bytes, side: int | None) -> np.ndarray:
+    """Decode to RGB uint8; if ``side``, resize the shorter side to it and centre-crop square."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+        if side is None:
+            return np.asarray(im.convert("RGB"))
+        w, h = im.size
+        k = side / min(w, h)
+        nw, nh = max(side, round(w * k)), max(side, round(h * k))
+        im.draft("RGB", (nw, nh))  # JPEG: let libjpeg downscale by 2^k first (big speed-up)
+        rgb = im.convert("RGB")
+        if rgb.size != (nw, nh):
+            rgb = rgb.resize((nw, nh), Image.BILINEAR)
+        left, top = (nw - side) // 2, (nh - side) // 2
+        return np.asarray(rgb.crop((left, top, left + side, top + side)))
+
+
+def _is_image(filename: str) -> bool:
+    return os.path.splitext(filename)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _tree_items(tree: Path) -> list[tuple[_Key, Path]]:
+    """Image files of ``tree/{train, val|test}/<class>/`` in sorted order."""
+    eval_dir = next(d for d in _EVAL_SPLITS if (tree / d).is_dir())
+    items: list[tuple[_Key, Path]] = []
+    for split in ("train", eval_dir):
+        for cls in sorted(e.name for e in os.scandir(tree / split) if e.is_dir() and not e.name.startswith(".")):
+            files = sorted(e.name for e in os.scandir(tree / split / cls) if e.is_file() and _is_image(e.name))
+            items += [((split, cls, f), tree / split / cls / f) for f in files]
+    return items
+
+
+def _archive_items(name: str, archive: Path) -> Iterator[tuple[_Key, bytes]]:
+    """Stream ``[<top>/]{train,val,test}/<class>/<file>`` members straight out of a tar archive.
+
+    Decoding from the stream avoids extracting tens of thousands of small files (Python's
+    tarfile needs ~20 s just to extract CIFAR-10) and never writes next to the source.
+    """
+    top: tuple[str, ...] | None = None
+    try:
+        with tarfile.open(archive, "r|*") as tf:
+            for m in tf:
+                parts = tuple(p for p in PurePosixPath(m.name).parts if p not in (".", "/"))
+                if not m.isfile() or len(parts) not in (3, 4) or not _is_image(parts[-1]):
+                    continue
+                if parts[-3] not in ("train", *_EVAL_SPLITS) or parts[-2].startswith(".") or ".." in parts:
+                    continue
+                if top is None:
+                    top = parts[:-3]
+                elif parts[:-3] != top:
+                    raise _fail(name, f"archive {archive} holds more than one tree ({'/'.join(top)}, "
+                                      f"{'/'.join(parts[:-3])})")
+                fh = tf.extractfile(m)
+                if fh is not None:
+                    yield (parts[-3], parts[-2], parts[-1]), fh.read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise _fail(name, f"cannot read archive {archive}: {_short(exc)}") from exc
+
+
+def _decode_items(name: str, items: Iterable[tuple[_Key, Path | bytes]], side: int | None,
+                  where: str, total: int | None = None) -> dict[_Key, np.ndarray]:
+    """Decode every item, in a thread pool when images are large (PIL releases the GIL)."""
+    out: dict[_Key, np.ndarray] = {}
+    tick = _progress(f"decoding {name} from {where}", total)
+
+    def run(chunk: list[tuple[_Key, Path | bytes]]) -> list[tuple[_Key, np.ndarray]]:
+        res = []
+        for key, src in chunk:
+            try:
+                res.append((key, _decode_one(src, side)))
+            except Exception as exc:  # PIL raises many types; name the file
+                raise _fail(name, f"cannot decode {where}/{'/'.join(key)}: {_short(exc)}") from exc
+        return res
+
+    it = iter(items)
+    first = next(it, None)
+    if first is None:
+        raise _fail(name, f"no images found in {where}")
+    out.update(run([first]))
+    shape = next(iter(out.values())).shape
+    # Tiny images (CIFAR) cost mostly per-call Python overhead under the GIL: threads measured
+    # slower there. Larger ones spend their time in libjpeg/resize and do scale.
+    small = shape[0] * shape[1] <= CIFAR_STYLE_MAX_PX ** 2
+    workers, step = (1, 1024) if small else (min(8, os.cpu_count() or 1), 32)
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        def drain(limit: int) -> None:
+            while len(pending) > limit:  # bounded in-flight work keeps memory flat
+                out.update(pending.popleft().result())
+                tick(len(out))
+
+        chunk: list[tuple[_Key, Path | bytes]] = []
+        for item in it:
+            chunk.append(item)
+            if len(chunk) == step:
+                pending.append(pool.submit(run, chunk))
+                chunk = []
+                drain(2 * workers)
+        if chunk:
+            pending.append(pool.submit(run, chunk))
+        drain(0)
+    tick(len(out), final=True)
+    return out
+
+
+def _channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Exact per-channel mean/std in [0, 1] units from 256-bin histograms, chunked over a memmap."""
+    hist = np.zeros((3, 256), dtype=np.int64)
+    for s in range(0, images.shape[0], chunk):
+        x = np.asarray(images[s : s + chunk])
+        for c in range(3):
+            hist[c] += np.bincount(x[..., c].ravel(), minlength=256)
+    count = hist.sum(1)
+    if count.min() == 0:
+        return (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    v = np.arange(256) / 255.0
+    mean = hist @ v / count
+    std = np.sqrt(np.maximum(hist @ (v * v) / count - mean * mean, 1e-12))
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def _assemble(name: str, decoded: dict[_Key, np.ndarray], where: str) -> _Decoded:
+    """Turn {(split, class, file): image} into sorted train/test arrays; classes = train folders."""
+    classes = tuple(sorted({c for s, c, _ in decoded if s == "train"}))
+    eval_split = next((e for e in _EVAL_SPLITS if any(s == e for s, _, _ in decoded)), None)
+    if not classes or eval_split is None:
+        raise _fail(name, f"{where} needs images under train/<class>/ and val/<class>/ or test/<class>/")
+    extra = sorted({c for s, c, _ in decoded if s == eval_split} - set(classes))
+    if extra:
+        raise _fail(name, f"{where}: {eval_split}/ has classes missing from train/: {', '.join(extra)}")
+    index = {c: i for i, c in enumerate(classes)}
+    splits = []
+    for split in ("train", eval_split):
+        keys = sorted((k for k in decoded if k[0] == split), key=lambda k: (index[k[1]], k[2]))
+        shape = decoded[keys[0]].shape
+        images = np.empty((len(keys), *shape), dtype=np.uint8)
+        for i, k in enumerate(keys):
+            img = decoded.pop(k)  # pop: frees each small array as the big one fills
+            if img.shape != shape:
+                raise _fail(name, f"images differ in size ({shape[1]}x{shape[0]} vs {img.shape[1]}x"
+                                  f"{img.shape[0]} at {where}/{'/'.join(k)}); pass image_size")
+            images[i] = img
+        splits.append(Split(images, np.array([index[k[1]] for k in keys], dtype=np.int64)))
+    mean, std = _channel_stats(splits[0].images)
+    return _Decoded(classes, splits[0], splits[1], {"mean": mean, "std": std})
+
+
+def _decode_image_tree(name: str, src: Path, side: int | None) -> _Decoded:
+    """Decode an image-folder tree (a directory or a tar archive of one) at ``side`` (None: native)."""
+    if src.is_file():
+        return _assemble(name, _decode_items(name, _archive_items(name, src), side, str(src)), str(src))
+    items = _tree_items(src)
+    return _assemble(name, _decode_items(name, items, side, str(src), total=len(items)), str(src))
+
+
+def _find_tree(base: Path) -> Path | None:
+    """The folder holding train/ and val/ or test/: ``base`` itself or its single subfolder."""
+    def is_tree(p: Path) -> bool:
+        return (p / "train").is_dir() and any((p / e).is_dir() for e in _EVAL_SPLITS)
+
+    if is_tree(base):
+        return base
+    subdirs = [p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return subdirs[0] if len(subdirs) == 1 and is_tree(subdirs[0]) else None
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _load_image_tree(name: str, path: Path, cache_dir: Path, side: int | None) -> tuple[_Decoded, str]:
+    """Cached decode of a tree directory or a tar archive of one.
+
+    The cache tag comes from the source, so 'cifar10' and 'imagefolder' on the same archive
+    share one decode.
+    """
+    resize = side if side is not None else "native"
+    if path.is_file():
+        key = {"kind": "archive", "src": _file_fingerprint(path), "resize": resize}
+        tag, source = path.name.split(".")[0], f"jpeg-archive:{path}"
+    else:
+        tree = _find_tree(path)
+        if tree is None:
+            raise _fail(name, f"{path} has no train/ and val/ or test/ folders")
+        key = {"kind": "tree", "src": str(tree.resolve()), "fp": _tree_fingerprint(tree), "resize": resize}
+        tag, source, path = tree.resolve().name, f"jpeg-tree:{tree}", tree
+    return _cached(cache_dir, tag, key, lambda: _decode_image_tree(name, path, side)), source
+
+
+_TV_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+def _torchvision_cifar(name: str, root: Path, download: bool) -> list:
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    return [cls(str(root), train=t, download=download) for t in (True, False)]
+
+
+def _decode_torchvision_cifar(name: str, root: Path) -> _Decoded:
+    parts = _torchvision_cifar(name, root, download=False)
+    splits = [Split(np.ascontiguousarray(d.data, dtype=np.uint8), np.asarray(d.targets, dtype=np.int64))
+              for d in parts]
+    return _Decoded(tuple(parts[0].classes), splits[0], splits[1], {})
+
+
+def _load_torchvision_cifar(name: str, root: Path, cache_dir: Path) -> _Decoded:
+    tv_dir = root / _TV_DIRS[name]
+    key = {"kind": "torchvision", "src": str(tv_dir.resolve()), "fp": _tree_fingerprint(tv_dir)}
+    return _cached(cache_dir, name, key, lambda: _decode_torchvision_cifar(name, root))
+
+
+def _cifar_jpeg_candidate(root: Path) -> Path | None:
+    if root.is_file() and root.name.endswith((".tar.gz", ".tgz", ".tar")):
+        return root
+    for cand in (root / "cifar10-jpeg", root):
+        if cand.is_dir() and (cand / "train").is_dir() and (cand / "test").is_dir():
+            return cand
+    archive = root / "cifar10-jpeg.tar.gz"
+    return archive if archive.is_file() else None
+
+
+def _load_cifar(name: str, root: Path, cache_dir: Path, image_size: int | None,
+                download: bool) -> tuple[_Decoded, str]:
+    if image_size not in (None, 32):
+        raise _fail(name, f"image_size={image_size} unsupported (CIFAR is 32x32; use imagefolder to resize)")
+    if (root / _TV_DIRS[name]).is_dir():
+        try:
+            return _load_torchvision_cifar(name, root, cache_dir), f"torchvision:{root}"
+        except RuntimeError as exc:  # e.g. torchvision's integrity check
+            if isinstance(exc, DataError):
+                raise
+            raise _fail(name, f"torchvision files under {root} unusable: {_short(exc)}") from exc
+    if name == "cifar10":
+        cand = _cifar_jpeg_candidate(root)
+        if cand is not None:
+            dec, source = _load_image_tree(name, cand, cache_dir, None)
+            if dec.classes != CIFAR10_CLASSES:
+                raise _fail(name, f"{cand} class folders {dec.classes} are not the CIFAR-10 classes")
+            return dec, source
+    looked = f"{_TV_DIRS[name]}" + (", cifar10-jpeg/, cifar10-jpeg.tar.gz" if name == "cifar10" else "")
+    if not download:
+        raise _fail(name, f"not found under {root} (looked for {looked}) and download=False")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _torchvision_cifar(name, root, download=True)  # downloads + verifies; then cache as usual
+        return _load_torchvision_cifar(name, root, cache_dir), f"torchvision:{root}"
+    except Exception as exc:  # network, permissions, checksum: all reported the same way
+        if isinstance(exc, DataError):
+            raise
+        raise _fail(name, f"not found under {root} (looked for {looked}) "
+                          f"and download failed: {_short(exc)}") from exc
+
+
+def _synthetic(seed: int, per_class: tuple[int, int], n_classes: int = 10, side: int = 32) -> _Decoded:
+    """Class = a colour tint + an oriented stripe pattern, under heavy noise.
+
+    The class signal is strong in the per-class mean (a tiny CNN learns it in an epoch) but
+    single images are noisy, so it is not trivially separable pixel by pixel.
+    """
+    rng = np.random.default_rng(seed)
+    tints = rng.uniform(-50, 50, size=(n_classes, 3))
+    angles = np.arange(n_classes) * (np.pi / n_classes)
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float64)
+
+    def make(n_per: int) -> Split:
+        labels = np.repeat(np.arange(n_classes), n_per)
+        labels = labels[rng.permutation(labels.size)]
+        phase = rng.uniform(0, 2 * np.pi, size=(labels.size, 1, 1))
+        proj = xx * np.cos(angles[labels])[:, None, None] + yy * np.sin(angles[labels])[:, None, None]
+        stripes = 40 * np.sin(2 * np.pi * proj / 8 + phase)
+        img = 128 + tints[labels][:, None, None, :] + stripes[..., None]
+        img += rng.normal(0, 30, size=img.shape)
+        return Split(np.clip(img, 0, 255).round().astype(np.uint8), labels.astype(np.int64))
+
+    return _Decoded(tuple(f"class{i}" for i in range(n_classes)), make(per_class[0]), make(per_class[1]), {})
+
+
+# --------------------------------------------------------------------------- subsets
+
+
+def _resolve_classes(name: str, all_classes: tuple[str, ...], wanted: Sequence[str | int] | None) -> list[int]:
+    if wanted is None:
+        return list(range(len(all_classes)))
+    out: list[int] = []
+    for c in wanted:
+        if isinstance(c, (int, np.integer)) and not isinstance(c, bool):
+            if not 0 <= int(c) < len(all_classes):
+                raise _fail(name, f"class index {c} out of range (0..{len(all_classes) - 1})")
+            out.append(int(c))
+        elif isinstance(c, str) and c in all_classes:
+            out.append(all_classes.index(c))
+        else:
+            raise _fail(name, f"unknown class {c!r} (known: {', '.join(all_classes[:12])}"
+                              f"{', ...' if len(all_classes) > 12 else ''})")
+    if len(set(out)) != len(out):
+        raise _fail(name, f"duplicate classes in {list(wanted)}")
+    if not out:
+        raise _fail(name, "empty class list")
+    return out
+
+
+def _stratified_quota(available: np.ndarray, total: int) -> np.ndarray:
+    """Split ``total`` across classes as equally as their availability allows (water-filling)."""
+    quota = np.zeros_like(available)
+    left = total
+    while left > 0:
+        open_ = np.flatnonzero(quota < available)
+        share, extra = divmod(left, len(open_))
+        add = np.full(len(open_), share)
+        add[:extra] += 1  # remainder to the first classes, deterministically
+        add = np.minimum(add, available[open_] - quota[open_])
+        quota[open_] += add
+        left -= int(add.sum())
+    return quota
+
+
+def _subset(name: str, label: str, split: Split, n_classes: int, keep: list[int], size: int | None,
+            rng_seed: list[int]) -> Split:
+    """Keep classes ``keep`` (relabelled 0..k-1 in that order) and a stratified sample of ``size``."""
+    if size is None and keep == list(range(n_classes)):
+        return split  # untouched full split: keep the zero-copy memmap
+    remap = np.full(n_classes, -1, dtype=np.int64)
+    remap[keep] = np.arange(len(keep))
+    new = remap[split.labels]
+    per_class = [np.flatnonzero(new == k) for k in range(len(keep))]
+    if size is not None:
+        available = np.array([len(p) for p in per_class])
+        if size < 1:
+            raise _fail(name, f"{label}_size must be >= 1, got {size}")
+        if size > available.sum():
+            raise _fail(name, f"{label}_size={size} too large: only {available.sum()} {label} images "
+                              f"in the selected {len(keep)} classes")
+        rng = np.random.default_rng(rng_seed)
+        quota = _stratified_quota(available, size)
+        per_class = [rng.permutation(p)[:q] for p, q in zip(per_class, quota)]
+    idx = np.sort(np.concatenate(per_class))  # sorted: sequential memmap reads
+    return Split(np.ascontiguousarray(split.images[idx]), new[idx])
+
+
+# --------------------------------------------------------------------------- public loader
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What one dataset family hands to load_dataset before subsetting."""
+
+    decoded: _Decoded
+    source: str
+    style: str
+    image_size: int
+    stats: tuple[Sequence[float], Sequence[float]] | None  # None: from the (subset) train split
+
+
+def _cifar_source(name: str, root: Path, cache: Path, image_size: int | None, download: bool) -> _Source:
+    dec, source = _load_cifar(name, root, cache, image_size, download)
+    stats = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    return _Source(dec, source, "cifar", 32, stats)
+
+
+def _imagefolder_source(root: Path, cache: Path, image_size: int | None) -> _Source:
+    name = "imagefolder"
+    if not root.exists():
+        raise _fail(name, f"root {root} does not exist")
+    side, style = _stored_size(image_size)
+    dec, source = _load_image_tree(name, root, cache, side)
+    _, h, w, _ = dec.train.images.shape
+    if h != w:
+        raise _fail(name, f"images under {root} are {w}x{h}, not square; pass image_size")
+    style = style or ("cifar" if h <= CIFAR_STYLE_MAX_PX else "imagenet")
+    return _Source(dec, source, style, image_size or h, None)
+
+
+def _synthetic_source(seed: int, n_classes: int, train_size: int, test_size: int,
+                      image_size: int | None) -> _Source:
+    if image_size not in (None, 32):
+        raise _fail("synthetic", f"image_size={image_size} unsupported (synthetic data is 32x32)")
+    # Generate enough per class that any class subset can still fill the requested sizes.
+    per = (math.ceil(train_size / n_classes), math.ceil(test_size / n_classes))
+    return _Source(_synthetic(seed, per), f"synthetic(seed={seed})", "cifar", 32, None)
+
+
+def load_dataset(
+    name: str,
+    root: str | Path,
+    *,
+    classes: Sequence[str | int] | None = None,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    subset_seed: int = 0,
+    image_size: int | None = None,
+    download: bool = True,
+    cache_dir: str | Path | None = None,
+) -> Dataset:
+    """Load (decoding + caching on first use) a dataset and take the requested subset.
+
+    ``classes``: names or indices into the full class list; labels become 0..k-1 in that order.
+    ``train_size``/``test_size``: total images per split, stratified, deterministic in subset_seed.
+    ``image_size`` (imagefolder): None keeps the native size if all images share one square size
+    (style 'imagenet' above 64 px then crops/evaluates at that full size); otherwise images are
+    stored at round(size * 8/7) (style 'imagenet') or at ``image_size`` itself when that stored
+    size would be <= 64 px (style 'cifar').
+    ``synthetic`` ignores ``root`` and defaults to 512 train / 256 test images.
+    """
+    root = Path(root).expanduser().resolve()  # absolute, so `source` and errors are unambiguous
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if name in ("cifar10", "cifar100"):
+        src = _cifar_source(name, root, cache, image_size, download)
+    elif name == "imagefolder":
+        src = _imagefolder_source(root, cache, image_size)
+    elif name == "synthetic":
+        train_size = 512 if train_size is None else train_size
+        test_size = 256 if test_size is None else test_size
+        src = _synthetic_source(subset_seed, len(classes) if classes else 10, train_size, test_size, image_size)
+    else:
+        raise _fail(name, "unknown dataset name (expected cifar10, cifar100, imagefolder or synthetic)")
+
+    dec = src.decoded
+    keep = _resolve_classes(name, dec.classes, classes)
+    n_all = len(dec.classes)
+    train = _subset(name, "train", dec.train, n_all, keep, train_size, [subset_seed, 0])
+    test = _subset(name, "test", dec.test, n_all, keep, test_size, [subset_seed, 1])
+    if src.stats is not None:
+        mean, std = src.stats
+    elif train is dec.train and "mean" in dec.meta:
+        mean, std = dec.meta["mean"], dec.meta["std"]  # full split: computed once at decode time
+    else:
+        mean, std = _channel_stats(train.images)  # stats of the subset actually trained on
+    return Dataset(
+        name=name, source=src.source, classes=tuple(dec.classes[i] for i in keep), train=train, test=test,
+        mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),  # type: ignore[arg-type]
+        style=src.style, image_size=int(src.image_size),
+    )
+
+
+# --------------------------------------------------------------------------- device + batches
+
+
+@dataclass(frozen=True, eq=False)
+class DeviceSplit:
+    """A Split copied to a device once (uint8 NHWC + int64 labels), reused across epochs."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @classmethod
+    def from_split(cls, split: Split, device: torch.device | str, chunk: int = 8192) -> DeviceSplit:
+        device = torch.device(device)
+        imgs = torch.empty(split.images.shape, dtype=torch.uint8, device=device)
+        for s in range(0, len(split), chunk):  # chunked: a memmap is never copied whole to RAM
+            part = torch.from_numpy(np.array(split.images[s : s + chunk]))
+            imgs[s : s + chunk].copy_(part.pin_memory() if device.type == "cuda" else part)
+        labels = torch.from_numpy(np.array(split.labels, dtype=np.int64)).to(device)
+        return cls(imgs, labels)
+
+
+# Split has identity hashing (eq=False), so a weak-keyed cache frees the device copy with the Split.
+_DEVICE_CACHE: weakref.WeakKeyDictionary[Split, dict[str, DeviceSplit]] = weakref.WeakKeyDictionary()
+
+
+def device_split(split: Split, device: torch.device | str) -> DeviceSplit:
+    """Cached DeviceSplit: the copy lives as long as ``split`` does (or until clear_device_cache)."""
+    per_device = _DEVICE_CACHE.setdefault(split, {})
+    key = str(torch.device(device))
+    if key not in per_device:
+        per_device[key] = DeviceSplit.from_split(split, device)
+    return per_device[key]
+
+
+def clear_device_cache() -> None:
+    _DEVICE_CACHE.clear()
+
+
+def _fits_on_device(split: Split, device: torch.device) -> bool:
+    # Keep resident only if it takes at most a quarter of the GPU (CIFAR train: 150 MB).
+    total = torch.cuda.get_device_properties(device).total_memory
+    return split.images.nbytes <= total // 4
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # SeedSequence mixes (seed, epoch) so neighbouring pairs give unrelated streams.
+    state = np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+
+def _host_batch(split: Split, idx: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Gather a batch from (memmapped) host arrays straight into pinned memory, then copy async."""
+    cuda = device.type == "cuda"
+    buf = torch.empty((len(idx), *split.images.shape[1:]), dtype=torch.uint8, pin_memory=cuda)
+    np.take(split.images, idx, axis=0, out=buf.numpy(), mode="clip")
+    labels = torch.from_numpy(np.asarray(split.labels[idx], dtype=np.int64))
+    if cuda:
+        labels = labels.pin_memory()
+    return buf.to(device, non_blocking=cuda), labels.to(device, non_blocking=cuda)
+
+
+def _transform(x: Tensor, dataset: Dataset, train: bool, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
+    """uint8 NCHW -> augmented (train) or eval-cropped, normalised batch."""
+    if dataset.style == "cifar":
+        if train:
+            x = augment.pad_crop_flip(x, 4, generator=gen)
+    elif train:
+        x = augment.random_resized_crop_flip(x, dataset.image_size, generator=gen)
+    elif x.shape[-1] != dataset.image_size or x.shape[-2] != dataset.image_size:
+        x = augment.center_crop(x, dataset.image_size)
+    return augment.normalize(x, dataset.mean, dataset.std, dtype)
+
+
+def iterate_batches(
+    split: Split | DeviceSplit,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    train: bool,
+    device: torch.device | str,
+    epoch: int = 0,
+    seed: int = 0,
+    drop_last: bool | None = None,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (normalised NCHW images of ``dtype``, int64 labels) on ``device``.
+
+    train=True: order = randperm from a CPU generator seeded by (seed, epoch), and the same
+    generator drives augmentation, so an epoch is fully reproducible. train=False: in order,
+    only the eval centre crop (imagenet style). drop_last defaults to ``train``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    drop_last = train if drop_last is None else drop_last
+    gen = _epoch_generator(seed, epoch)
+    n = len(split)
+    order = torch.randperm(n, generator=gen) if train else torch.arange(n)
+
+    if isinstance(split, Split) and device.type == "cuda" and _fits_on_device(split, device):
+        split = device_split(split, device)  # whole split resident: batches are pure GPU gathers
+    # Index on the side where the pixels live: device tensor for a resident split, numpy otherwise.
+    order_on = order.to(split.images.device) if isinstance(split, DeviceSplit) else order.numpy()
+
+    mem = torch.channels_last if channels_last else torch.contiguous_format
+    end = n - n % batch_size if drop_last else n
+    for start in range(0, end, batch_size):
+        idx = order_on[start : start + batch_size]
+        if isinstance(split, DeviceSplit):
+            x, y = split.images[idx].to(device), split.labels[idx].to(device)
+        else:
+            x, y = _host_batch(split, idx, device)
+        x = x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW (already channels_last strides)
+        x = _transform(x, dataset, train, gen, dtype)
+        yield x.contiguous(memory_format=mem), y

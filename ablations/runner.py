@@ -1,0 +1,160 @@
+"""Cells -> runs: train every cell of a grid that has no FINISHED run yet, and log it to MLflow."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ablations.config import Cell, ConfigError, DatasetConfig, ExperimentConfig
+from ablations.data import Dataset, DataError, load_dataset
+from ablations.progress import GridProgress
+from ablations.tracking import CellRun, client_for, ensure_experiment, finished_cell_ids, reap_dead_runs
+from ablations.train import CellFailed, EpochStats, seed_everything, train
+from senet import build_model, complexity, se_blocks
+
+_KNOWN_CLASSES = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
+
+
+@dataclass
+class GridOutcome:
+    grid: str
+    finished: list[Cell] = field(default_factory=list)
+    skipped: list[Cell] = field(default_factory=list)
+    failed: list[tuple[Cell, str]] = field(default_factory=list)
+
+
+def with_num_classes(config: ExperimentConfig, num_classes: int) -> ExperimentConfig:
+    return config.model_copy(update={"model": config.model.model_copy(update={"num_classes": num_classes})})
+
+
+def expected_num_classes(ds: DatasetConfig, fallback: int) -> int:
+    """The class count of a dataset without loading it (for --dry-run)."""
+    if ds.classes:
+        return len(ds.classes)
+    if ds.name in _KNOWN_CLASSES:
+        return _KNOWN_CLASSES[ds.name]
+    train_dir = Path(ds.root) / "train"
+    if train_dir.is_dir():
+        return sum(p.is_dir() for p in train_dir.iterdir())
+    return fallback
+
+
+def expected_image_size(ds: DatasetConfig) -> int:
+    return ds.image_size or (32 if ds.name in _KNOWN_CLASSES or "cifar" in ds.root.lower() else 224)
+
+
+def dataset_key(ds: DatasetConfig) -> str:
+    return json.dumps(ds.model_dump(mode="json"), sort_keys=True)
+
+
+def load_data(cells: Sequence[Cell], cache_dir: str | Path | None = None) -> dict[str, Dataset]:
+    """Load each distinct dataset of `cells` once; check the model's class count against it."""
+    loaded: dict[str, Dataset] = {}
+    for cell in cells:
+        ds = cell.config.dataset
+        key = dataset_key(ds)
+        if key not in loaded:
+            loaded[key] = load_dataset(
+                ds.name, ds.root, classes=ds.classes, train_size=ds.train_size, test_size=ds.test_size,
+                subset_seed=ds.subset_seed, image_size=ds.image_size, download=ds.download, cache_dir=cache_dir,
+            )
+        n = len(loaded[key].classes)
+        model = cell.config.model
+        if "num_classes" in model.model_fields_set and model.num_classes != n:
+            raise ConfigError(f"model.num_classes: {model.num_classes} does not match the {n} classes of {ds.name}")
+    return loaded
+
+
+def model_summary(model: torch.nn.Module, config: ExperimentConfig, image_size: int) -> str:
+    c = complexity(model, image_size)
+    lines = [
+        f"arch {config.model.arch}, {config.model.num_classes} classes, input {image_size}x{image_size}",
+        f"trainable params {c.params:,}; Caffe-style params {c.caffe_params:,}; multiply-adds {c.macs:,} ({c.gflops:.4f} G)",
+        "SE blocks (name: channels -> hidden):",
+    ]
+    lines += [f"  {name}: {b.channels} -> {b.hidden} ({b.squeeze})" for name, b in se_blocks(model).items()] or ["  none"]
+    return "\n".join(lines) + "\n\n" + repr(model) + "\n"
+
+
+class _Observer:
+    """Sends each epoch to MLflow and to the progress display."""
+
+    def __init__(self, run: CellRun, progress: GridProgress) -> None:
+        self.run, self.progress = run, progress
+
+    def on_step(self, epoch: int, step: int, steps: int, loss: float | None) -> None:
+        self.progress.on_step(epoch, step, steps, loss)
+
+    def on_epoch(self, s: EpochStats) -> None:
+        self.run.log_metrics({
+            "train_loss": s.train_loss, "train_err": s.train_err, "test_top1_err": s.test_top1_err,
+            "test_top5_err": s.test_top5_err, "lr": s.lr, "epoch_seconds": s.seconds, "images_per_s": s.images_per_s,
+        }, step=s.epoch)
+        self.progress.on_epoch(s)
+
+
+def run_cell(cell: Cell, config: ExperimentConfig, data: Dataset, run: CellRun, device: torch.device,
+             progress: GridProgress) -> dict[str, float]:
+    """Train one cell (its config resolved against the data) into its open MLflow run; return its final metrics."""
+    seed_everything(cell.seed)
+    model = build_model(config.model)
+    c = complexity(model, data.image_size)
+    run.log_text(config.model_dump_json(indent=2), "config.json")
+    run.log_text(model_summary(model, config, data.image_size), "model_summary.txt")
+    progress.start_cell(cell, config.train.epochs)
+    result = train(config, model, data, device, observer=_Observer(run, progress))
+    final = {
+        "params": c.params, "caffe_params": c.caffe_params, "gflops": c.gflops,
+        "final_top1_err": result.final.test_top1_err, "final_top5_err": result.final.test_top5_err,
+        "best_top1_err": result.best_top1_err, "best_top5_err": result.best_top5_err,
+    }
+    run.log_metrics(final, step=config.train.epochs)
+    run.log_state_dict(result.model.state_dict())
+    return final
+
+
+def run_grid(grid: str, cells: Sequence[Cell], *, tracking_uri: str, device: torch.device, description: str = "",
+             force: bool = False, progress: GridProgress | None = None, cache_dir: str | Path | None = None,
+             tags: dict[str, str] | None = None) -> GridOutcome:
+    """Run every cell of one grid that is not FINISHED yet (all of them with `force`)."""
+    datasets = load_data(cells, cache_dir)  # fails on a missing dataset before anything is logged
+    client = client_for(tracking_uri)
+    experiment_id = ensure_experiment(client, tracking_uri, grid, description)
+    reap_dead_runs(client, experiment_id)
+    done = set() if force else finished_cell_ids(client, experiment_id)
+    progress = progress or GridProgress(grid, len(cells))
+    outcome = GridOutcome(grid)
+    try:
+        for cell in cells:
+            if cell.cell_id in done:
+                outcome.skipped.append(cell)
+                progress.skip(cell)
+                continue
+            data = datasets[dataset_key(cell.config.dataset)]
+            config = with_num_classes(cell.config, len(data.classes))
+            run = CellRun(client, experiment_id, cell, device, data.source, config, extra_tags=tags)
+            try:
+                final = run_cell(cell, config, data, run, device, progress)
+            except KeyboardInterrupt:
+                run.end("KILLED", "interrupted (Ctrl-C)")
+                progress.end_cell(cell, "KILLED")
+                raise
+            except (CellFailed, DataError) as exc:
+                reason = str(exc)
+            except Exception as exc:  # a bug or a bad variant must not take the rest of the grid down
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            else:
+                run.end("FINISHED")
+                outcome.finished.append(cell)
+                progress.end_cell(cell, "FINISHED", f"test err top-1 {final['final_top1_err']:.2f}%")
+                continue
+            run.end("FAILED", reason)
+            outcome.failed.append((cell, reason))
+            progress.end_cell(cell, "FAILED", reason)
+    finally:
+        progress.close()
+    return outcome

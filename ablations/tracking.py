@@ -1,0 +1,176 @@
+"""MLflow tracking: one experiment per grid, one run per cell.
+
+All writes go through an explicit `MlflowClient` (no global active run), so several
+workers can log their own runs side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from ablations.config import Cell, ExperimentConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TERMINAL = {"FINISHED", "FAILED", "KILLED"}
+
+
+def default_tracking_uri() -> str:
+    """The embedded default: a SQLite store in the current project folder."""
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _artifact_location(tracking_uri: str, name: str) -> str | None:
+    # Keep a local store's artifacts beside its database, not wherever the process happened to start.
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        return (db.parent / "mlartifacts" / name).resolve().as_uri()
+    return None
+
+
+def client_for(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(client: MlflowClient, tracking_uri: str, grid: str, description: str = "") -> str:
+    """The experiment of a grid, created once before any run starts (concurrent creation races)."""
+    found = client.get_experiment_by_name(grid)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    tags = {"mlflow.note.content": description} if description else None
+    try:
+        return client.create_experiment(grid, artifact_location=_artifact_location(tracking_uri, grid), tags=tags)
+    except Exception:  # another process created it first
+        found = client.get_experiment_by_name(grid)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'model': {'se': {'reduction': 16}}} -> {'model.se.reduction': 16}."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def runs_of(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def finished_cell_ids(client: MlflowClient, experiment_id: str) -> set[str]:
+    runs = runs_of(client, experiment_id, "attributes.status = 'FINISHED'")
+    return {r.data.tags["cell_id"] for r in runs if "cell_id" in r.data.tags}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_dead_runs(client: MlflowClient, experiment_id: str) -> int:
+    """Mark RUNNING runs whose process on this host is gone as KILLED; they will run again."""
+    host, reaped = socket.gethostname(), 0
+    for run in runs_of(client, experiment_id, "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get("host") == host and tags.get("pid", "").isdigit() and not _pid_alive(int(tags["pid"])):
+            client.set_tag(run.info.run_id, "failure_reason", "process died (found RUNNING at a later start)")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            reaped += 1
+    return reaped
+
+
+class CellRun:
+    """The MLflow run of one cell: tags and params at the start, metrics as they come."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, cell: Cell, device: torch.device,
+                 data_source: str, config: ExperimentConfig | None = None,
+                 extra_tags: Mapping[str, str] | None = None) -> None:
+        self.client = client
+        tags = {
+            "grid": cell.grid,
+            "variant": cell.variant,
+            "seed": str(cell.seed),
+            "cell_id": cell.cell_id,
+            "dataset": cell.config.dataset.name,
+            "data_source": data_source,
+            "git_commit": git_commit(),
+            "torch_version": torch.__version__,
+            "cuda_version": str(torch.version.cuda),
+            "device": str(device),
+            "device_name": device_name(device),
+            "host": socket.gethostname(),
+            "pid": str(os.getpid()),
+            **(extra_tags or {}),
+        }
+        run = client.create_run(experiment_id, tags=tags, run_name=f"{cell.variant} seed={cell.seed}")
+        self.run_id = run.info.run_id
+        resolved = (config or cell.config).model_dump(mode="json")
+        params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flatten(resolved).items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            client.log_batch(self.run_id, params=params[i:i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_text(self, text: str, path: str) -> None:
+        self.client.log_text(self.run_id, text, path)
+
+    def log_state_dict(self, state: Mapping[str, torch.Tensor], path: str = "model") -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            file = Path(tmp) / "weights.pt"
+            torch.save({k: v.detach().cpu() for k, v in state.items()}, file)
+            self.client.log_artifact(self.run_id, str(file), path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def end(self, status: str, reason: str | None = None) -> None:
+        assert status in TERMINAL
+        if reason:
+            self.set_tags({"failure_reason": reason[:5000]})
+        self.client.set_terminated(self.run_id, status=status)
+

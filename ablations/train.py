@@ -1,0 +1,210 @@
+"""Train and evaluate one cell: SGD + momentum, a per-step LR schedule, top-1/top-5 test error per epoch.
+
+The loop keeps the GPU busy: batches come from `iterate_batches` (data already on the
+device, augmented there), losses and correct counts accumulate on the device, and the
+host reads them every `sync_every` steps and at the end of an epoch, which is also when
+a NaN or inf loss is caught.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ablations.config import ExperimentConfig, TrainConfig
+from ablations.data import Dataset, iterate_batches
+
+
+class CellFailed(RuntimeError):
+    """A run that cannot go on (diverged, out of memory); the message is the recorded reason."""
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int  # 1-based
+    train_loss: float
+    train_err: float
+    test_top1_err: float
+    test_top5_err: float
+    lr: float
+    seconds: float
+    images_per_s: float
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[EpochStats] = field(default_factory=list)
+
+    @property
+    def final(self) -> EpochStats:
+        return self.history[-1]
+
+    @property
+    def best_top1_err(self) -> float:
+        return min(s.test_top1_err for s in self.history)
+
+    @property
+    def best_top5_err(self) -> float:
+        return min(s.test_top5_err for s in self.history)
+
+
+class Observer(Protocol):
+    def on_step(self, epoch: int, step: int, steps: int, loss: float | None) -> None: ...
+    def on_epoch(self, stats: EpochStats) -> None: ...
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
+    """The learning rate at optimizer step `step` (0-based) of `total`.
+
+    cosine:    linear warm-up over `warmup_epochs`, then cosine decay to 0.
+    onecycle:  linear ramp from lr/25 to lr over `warmup_epochs` (30% of the run if 0), then linear to 0.
+    multistep: linear warm-up, then lr * gamma**k after each milestone (fractions of the run).
+    """
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "onecycle":
+        peak_at = warmup or round(0.3 * total)
+        if step < peak_at:
+            return cfg.lr * (1 / 25 + (1 - 1 / 25) * step / peak_at)
+        return cfg.lr * max(0.0, (total - step) / max(1, total - peak_at))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    passed = sum(step >= m * total for m in cfg.milestones)
+    return cfg.lr * cfg.gamma**passed
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: CUDA is not available on this machine")
+    return device
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.SGD:
+    kwargs = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                  weight_decay=cfg.weight_decay)
+    if device.type == "cuda":
+        try:  # one kernel for the whole update; older torch lacks fused SGD
+            return torch.optim.SGD(model.parameters(), fused=True, **kwargs)
+        except (TypeError, RuntimeError, ValueError):
+            pass
+    return torch.optim.SGD(model.parameters(), foreach=True, **kwargs)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(exc, oom) or "out of memory" in str(exc).lower()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, device: torch.device, batch_size: int,
+             dtype: torch.dtype, channels_last: bool, autocast) -> tuple[float, float]:
+    """(top-1, top-5) test error in percent."""
+    model.eval()
+    k = min(5, len(data.classes))
+    top1 = torch.zeros((), device=device, dtype=torch.long)
+    topk = torch.zeros((), device=device, dtype=torch.long)
+    for x, y in iterate_batches(data.test, data, batch_size=batch_size, train=False, device=device,
+                                dtype=dtype, channels_last=channels_last):
+        with autocast():
+            logits = model(x)
+        pred = logits.topk(k, dim=1).indices
+        hit = pred == y[:, None]
+        top1 += hit[:, 0].sum()
+        topk += hit.any(1).sum()
+    n = len(data.test.labels)
+    return 100.0 * (1 - top1.item() / n), 100.0 * (1 - topk.item() / n)
+
+
+def train(cfg: ExperimentConfig, model: nn.Module, data: Dataset, device: torch.device,
+          observer: Observer | None = None, sync_every: int = 50) -> TrainResult:
+    """Train `model` on `data` as `cfg.train` says; raise CellFailed on divergence or OOM."""
+    tc = cfg.train
+    cuda = device.type == "cuda"
+    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and cuda)
+    channels_last = cuda if tc.channels_last == "auto" else bool(tc.channels_last)
+    autocast: Callable[[], object] = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    )
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    step_fn = torch.compile(model) if tc.compile else model
+    optimizer = _make_optimizer(model, tc, device)
+    steps_per_epoch = len(data.train.labels) // tc.batch_size or 1
+    total = steps_per_epoch * tc.epochs
+    eval_bs = tc.eval_batch_size or 2 * tc.batch_size
+    result = TrainResult(model)
+    step = 0
+    try:
+        for epoch in range(1, tc.epochs + 1):
+            model.train()
+            start = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            wrong = torch.zeros((), device=device, dtype=torch.long)
+            seen = 0
+            batches = iterate_batches(data.train, data, batch_size=tc.batch_size, train=True, device=device,
+                                      epoch=epoch, seed=cfg.seed, drop_last=len(data.train.labels) >= tc.batch_size,
+                                      channels_last=channels_last)
+            for i, (x, y) in enumerate(batches):
+                lr = lr_at(step, total, tc, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with autocast():
+                    logits = step_fn(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=tc.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach() * len(y)
+                wrong += (logits.detach().argmax(1) != y).sum()
+                seen += len(y)
+                step += 1
+                if (i + 1) % sync_every == 0:
+                    running = loss_sum.item() / seen  # the one host sync every `sync_every` steps
+                    if not math.isfinite(running):
+                        raise CellFailed(f"loss became {running} at epoch {epoch}, step {i + 1}")
+                    if observer:
+                        observer.on_step(epoch, i + 1, steps_per_epoch, running)
+                elif observer:
+                    observer.on_step(epoch, i + 1, steps_per_epoch, None)
+            train_loss = loss_sum.item() / max(1, seen)
+            if not math.isfinite(train_loss):
+                raise CellFailed(f"loss became {train_loss} at epoch {epoch}")
+            train_seconds = time.perf_counter() - start
+            top1, top5 = evaluate(model, data, device, eval_bs, torch.float32, channels_last, autocast)
+            stats = EpochStats(
+                epoch=epoch, train_loss=train_loss, train_err=100.0 * wrong.item() / max(1, seen),
+                test_top1_err=top1, test_top5_err=top5, lr=lr,
+                seconds=time.perf_counter() - start, images_per_s=seen / train_seconds,
+            )
+            result.history.append(stats)
+            if observer:
+                observer.on_epoch(stats)
+    except RuntimeError as exc:
+        if isinstance(exc, CellFailed):
+            raise
+        if _is_oom(exc):
+            if cuda:
+                torch.cuda.empty_cache()
+            raise CellFailed(f"out of memory: {str(exc).splitlines()[0][:200]}") from exc
+        raise
+    return result
