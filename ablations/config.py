@@ -109,7 +109,7 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device supports it
     channels_last: Literal["auto"] | bool = "auto"
     compile: bool = False
-    eval_batch_size: PositiveInt | None = None  # None: same as batch_size
+    eval_batch_size: PositiveInt | None = None  # None: twice batch_size (no gradients to hold)
 
     @field_validator("nesterov")
     @classmethod
