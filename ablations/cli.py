@@ -1,5 +1,6 @@
 """run_ablation: train the cells of declarative SE ablation grids and track them in MLflow.
 
+`run_ablation.py worker --grid NAME --storage URL ...` joins a grid's workers (docs/distributed.md).
 Exit codes: 0 every cell done; 1 some cell failed (each is named); 2 bad input; 130 interrupted.
 """
 
@@ -13,8 +14,9 @@ from typing import Sequence
 
 import torch
 
-from ablations.config import Cell, ConfigError, load_experiments, parse_seeds, resolve_cells
+from ablations.config import Cell, ConfigError, ExperimentsFile, load_experiments, parse_seeds, resolve_cells
 from ablations.data import DataError
+from ablations.workers import add_parallel_options, wants_workers
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -39,14 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", metavar="PATH", help="where datasets are found or downloaded (overrides dataset.root)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="run every cell, even those already FINISHED")
+    p.add_argument("--report", action="store_true",
+                   help="write the paper-style tables and plots of --grid (all grids if none) from the MLflow store; trains nothing")
+    p.add_argument("--analyze", action="store_true",
+                   help="role of SE: excitation statistics per class and depth for the finished SE runs of --grid")
+    p.add_argument("--run-id", metavar="ID", help="with --analyze: only this MLflow run")
+    p.add_argument("--results-dir", default="results", metavar="PATH", help="where reports go (default: %(default)s)")
+    add_parallel_options(p)
     return p
 
 
-def _cells(args: argparse.Namespace) -> tuple[object, list[tuple[str, list[Cell]]]]:
+def _cells(args: argparse.Namespace) -> tuple[ExperimentsFile, list[tuple[str, list[Cell]]]]:
     exps = load_experiments(args.config)
     if args.list:
         return exps, []
-    if not args.grid:
+    if not args.grid and not args.report:
         raise ConfigError(f"--grid: name at least one grid (have: {', '.join(exps.grids)}); --list describes them")
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     grids = []
@@ -84,8 +93,46 @@ def _dry_run(grids: list[tuple[str, list[Cell]]], as_json: bool) -> None:
     print(f"{len(rows)} cells (GFLOPs = multiply-adds at the input size shown by --json)")
 
 
+def _report_or_analyze(args: argparse.Namespace, exps: ExperimentsFile) -> int:
+    from ablations.tracking import default_tracking_uri
+
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    if args.analyze:
+        from ablations.analysis import analyze_grid
+
+        if not args.grid:
+            raise ConfigError("--analyze: name the grid with --grid")
+        for name in args.grid:
+            for path in analyze_grid(tracking_uri, name, results_dir=args.results_dir, data_root=args.data_root,
+                                     device=args.device, run_id=args.run_id):
+                print(path)
+        if not args.report:
+            from ablations.report import write_index
+
+            write_index(args.results_dir)  # the results README carries each analysis's findings
+    if args.report:
+        from ablations.report import report_all
+
+        print(report_all(tracking_uri, grids=args.grid or None, results_dir=args.results_dir, experiments=exps))
+    return EXIT_OK
+
+
+def _report_quietly(tracking_uri: str, grid: str, exps: ExperimentsFile, results_dir: str) -> None:
+    """Refresh a grid's tables and plots after it ran; a failing report must not fail the runs."""
+    from ablations.report import write_index, write_report
+
+    try:
+        path = write_report(tracking_uri, grid, results_dir=results_dir, experiments=exps)
+        write_index(results_dir)
+        print(f"report: {path}", file=sys.stderr)
+    except Exception as exc:  # the runs are safe in the store; `--report` can retry
+        print(f"warning: report for {grid} not written ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    worker = argv[:1] == ["worker"]  # `run_ablation.py worker ...`: pull cells from the grids' queues
+    args = build_parser().parse_args(argv[1:] if worker else argv)
     try:
         exps, grids = _cells(args)
         if args.list:
@@ -96,6 +143,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             _dry_run(grids, args.json)
             return EXIT_OK
+        if args.report or args.analyze:
+            return _report_or_analyze(args, exps)
+        if worker:
+            from ablations.workers import work
+
+            return work(args, exps, grids)
+        if wants_workers(args):
+            from ablations.tracking import default_tracking_uri
+            from ablations.workers import launch
+
+            code = launch(args, exps, grids)
+            for name, _ in grids:
+                _report_quietly(args.tracking_uri or default_tracking_uri(), name, exps, args.results_dir)
+            return code
         from ablations.runner import run_grid
         from ablations.tracking import default_tracking_uri
         from ablations.train import resolve_device
@@ -108,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tags = {"paper_table": str(grid.paper_table)} if grid.paper_table else {}
             outcomes.append(run_grid(name, cells, tracking_uri=tracking_uri, device=device,
                                      description=grid.description, force=args.force, tags=tags))
+            _report_quietly(tracking_uri, name, exps, args.results_dir)
     except (ConfigError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -664,9 +664,22 @@ def write_index(results_dir: str | Path = "results") -> Path:
             files = f"[Markdown]({rel}/table.md), [LaTeX]({rel}/table.tex), [CSV]({rel}/table.csv)"
             lines += [f"Figures: {', '.join(links)}." if links else "No figures (no finished runs).", "",
                       f"Files: {files}.", ""]
+            lines += _role_of_se_section(folder, root)
     index = root / "README.md"
     index.write_text("\n".join(lines), encoding="utf-8")
     return index
+
+
+def _role_of_se_section(folder: Path, root: Path) -> list[str]:
+    """The findings paragraph and figure links of each analysed run (ablations.analysis writes them)."""
+    lines: list[str] = []
+    for findings in sorted(folder.glob("role_of_se/*/findings.md")):
+        run_dir = findings.parent
+        rel = run_dir.relative_to(root).as_posix()
+        figures = ", ".join(f"[{p.stem.replace('_', ' ')}]({rel}/{p.name})" for p in sorted(run_dir.glob("*.png")))
+        lines += [f"#### Role of SE: {run_dir.name}", "", findings.read_text(encoding="utf-8").strip(), "",
+                  f"Figures: {figures}; statistics: [Markdown]({rel}/block_stats.md), [CSV]({rel}/block_stats.csv).", ""]
+    return lines
 
 
 def _figure_rank(stem: str) -> tuple[int, str]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
+from mlflow import MlflowClient
 
 from ablations.config import Cell, ConfigError, DatasetConfig, ExperimentConfig
 from ablations.data import Dataset, DataError, load_dataset
@@ -17,6 +18,18 @@ from ablations.train import CellFailed, EpochStats, seed_everything, train
 from senet import build_model, complexity, se_blocks
 
 _KNOWN_CLASSES = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
+
+
+class CellAborted(Exception):
+    """Stops a cell from outside (e.g. a worker lost its claim on it); its run is marked KILLED."""
+
+
+@dataclass
+class CellResult:
+    status: str  # FINISHED, FAILED or KILLED (aborted); Ctrl-C is re-raised instead
+    run_id: str
+    reason: str = ""
+    final: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,15 +94,19 @@ def model_summary(model: torch.nn.Module, config: ExperimentConfig, image_size: 
 
 
 class _Observer:
-    """Sends each epoch to MLflow and to the progress display."""
+    """Sends each epoch to MLflow and to the progress display; `guard` may stop the cell between steps."""
 
-    def __init__(self, run: CellRun, progress: GridProgress) -> None:
-        self.run, self.progress = run, progress
+    def __init__(self, run: CellRun, progress: GridProgress, guard: Callable[[bool], None] | None = None) -> None:
+        self.run, self.progress, self.guard = run, progress, guard
 
     def on_step(self, epoch: int, step: int, steps: int, loss: float | None) -> None:
+        if self.guard:
+            self.guard(False)
         self.progress.on_step(epoch, step, steps, loss)
 
     def on_epoch(self, s: EpochStats) -> None:
+        if self.guard:
+            self.guard(False)
         self.run.log_metrics({
             "train_loss": s.train_loss, "train_err": s.train_err, "test_top1_err": s.test_top1_err,
             "test_top5_err": s.test_top5_err, "lr": s.lr, "epoch_seconds": s.seconds, "images_per_s": s.images_per_s,
@@ -98,7 +115,7 @@ class _Observer:
 
 
 def run_cell(cell: Cell, config: ExperimentConfig, data: Dataset, run: CellRun, device: torch.device,
-             progress: GridProgress) -> dict[str, float]:
+             progress: GridProgress, guard: Callable[[bool], None] | None = None) -> dict[str, float]:
     """Train one cell (its config resolved against the data) into its open MLflow run; return its final metrics."""
     seed_everything(cell.seed)
     model = build_model(config.model)
@@ -106,7 +123,7 @@ def run_cell(cell: Cell, config: ExperimentConfig, data: Dataset, run: CellRun, 
     run.log_text(config.model_dump_json(indent=2), "config.json")
     run.log_text(model_summary(model, config, data.image_size), "model_summary.txt")
     progress.start_cell(cell, config.train.epochs)
-    result = train(config, model, data, device, observer=_Observer(run, progress))
+    result = train(config, model, data, device, observer=_Observer(run, progress, guard))
     final = {
         "params": c.params, "caffe_params": c.caffe_params, "gflops": c.gflops,
         "final_top1_err": result.final.test_top1_err, "final_top5_err": result.final.test_top5_err,
@@ -134,27 +151,52 @@ def run_grid(grid: str, cells: Sequence[Cell], *, tracking_uri: str, device: tor
                 outcome.skipped.append(cell)
                 progress.skip(cell)
                 continue
-            data = datasets[dataset_key(cell.config.dataset)]
-            config = with_num_classes(cell.config, len(data.classes))
-            run = CellRun(client, experiment_id, cell, device, data.source, config, extra_tags=tags)
-            try:
-                final = run_cell(cell, config, data, run, device, progress)
-            except KeyboardInterrupt:
-                run.end("KILLED", "interrupted (Ctrl-C)")
-                progress.end_cell(cell, "KILLED")
-                raise
-            except (CellFailed, DataError) as exc:
-                reason = str(exc)
-            except Exception as exc:  # a bug or a bad variant must not take the rest of the grid down
-                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            else:
-                run.end("FINISHED")
+            result = execute_cell(cell, datasets[dataset_key(cell.config.dataset)], client, experiment_id, device,
+                                  progress, tags=tags)
+            if result.status == "FINISHED":
                 outcome.finished.append(cell)
-                progress.end_cell(cell, "FINISHED", f"test err top-1 {final['final_top1_err']:.2f}%")
-                continue
-            run.end("FAILED", reason)
-            outcome.failed.append((cell, reason))
-            progress.end_cell(cell, "FAILED", reason)
+            else:
+                outcome.failed.append((cell, result.reason))
     finally:
         progress.close()
     return outcome
+
+
+def execute_cell(cell: Cell, data: Dataset, client: MlflowClient, experiment_id: str, device: torch.device,
+                 progress: GridProgress, *, tags: Mapping[str, str] | None = None,
+                 guard: Callable[[bool], None] | None = None,
+                 on_run: Callable[[CellRun], None] | None = None) -> CellResult:
+    """Train one cell into a new MLflow run and end the run FINISHED, FAILED or KILLED.
+
+    The one place a cell runs, serially or in a worker. A failure (divergence, OOM, a bug) is
+    recorded and returned, so the grid goes on; Ctrl-C marks the run KILLED and is re-raised.
+    `guard(final)` is called between steps (final=False) and right before the run is marked
+    FINISHED (final=True): raising CellAborted there ends the run KILLED. `on_run` sees the run as soon as it exists.
+    """
+    config = with_num_classes(cell.config, len(data.classes))
+    run = CellRun(client, experiment_id, cell, device, data.source, config, extra_tags=tags)
+    try:
+        if on_run:
+            on_run(run)
+        final = run_cell(cell, config, data, run, device, progress, guard)
+        if guard:
+            guard(True)  # the last moment a lost claim can keep a second FINISHED run of this cell out
+    except KeyboardInterrupt:
+        run.end("KILLED", "interrupted (Ctrl-C)")
+        progress.end_cell(cell, "KILLED")
+        raise
+    except CellAborted as exc:
+        run.end("KILLED", str(exc))
+        progress.end_cell(cell, "KILLED", str(exc))
+        return CellResult("KILLED", run.run_id, str(exc))
+    except (CellFailed, DataError) as exc:
+        reason = str(exc)
+    except Exception as exc:  # a bug or a bad variant must not take the rest of the grid down
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+    else:
+        run.end("FINISHED")
+        progress.end_cell(cell, "FINISHED", f"test err top-1 {final['final_top1_err']:.2f}%")
+        return CellResult("FINISHED", run.run_id, final=final)
+    run.end("FAILED", reason)
+    progress.end_cell(cell, "FAILED", reason)
+    return CellResult("FAILED", run.run_id, reason)

@@ -1,23 +1,26 @@
 """MLflow tracking: one experiment per grid, one run per cell.
 
 All writes go through an explicit `MlflowClient` (no global active run), so several
-workers can log their own runs side by side.
+workers can log their own runs side by side. Several processes writing one SQLite file
+take turns on its lock; a call that still finds it locked is retried with backoff.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import random
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar, cast
 
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 
 from ablations.config import Cell, ExperimentConfig
 
@@ -38,8 +41,53 @@ def _artifact_location(tracking_uri: str, name: str) -> str | None:
     return None
 
 
+T = TypeVar("T")
+LOCK_RETRY_SECONDS = 300.0  # how long one call may wait for a busy SQLite store before it gives up
+
+
+def is_locked_error(exc: BaseException) -> bool:
+    """SQLite's 'database is locked' (a writer held the file past the driver's 5 s timeout)."""
+    text = str(exc).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
+def retry_locked(fn: Callable[..., T], *args: Any, budget: float = LOCK_RETRY_SECONDS, **kwargs: Any) -> T:
+    """Call `fn`, retrying with jittered exponential backoff while the store reports a lock.
+
+    Safe to repeat: a statement that hit the lock was rolled back, so nothing was written.
+    """
+    delay, deadline = 0.05, time.monotonic() + budget
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if not is_locked_error(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay * random.uniform(0.5, 1.5))  # jitter: writers that collided don't collide again
+        delay = min(2 * delay, 2.0)
+
+
+class RetryingClient:
+    """An MlflowClient whose every call goes through `retry_locked`."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return retry_locked(attr, *args, **kwargs)
+
+        return call
+
+
 def client_for(tracking_uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    return cast(MlflowClient, RetryingClient(client)) if tracking_uri.startswith("sqlite:") else client
 
 
 def ensure_experiment(client: MlflowClient, tracking_uri: str, grid: str, description: str = "") -> str:
@@ -98,6 +146,22 @@ def runs_of(client: MlflowClient, experiment_id: str, filter_string: str = "") -
 def finished_cell_ids(client: MlflowClient, experiment_id: str) -> set[str]:
     runs = runs_of(client, experiment_id, "attributes.status = 'FINISHED'")
     return {r.data.tags["cell_id"] for r in runs if "cell_id" in r.data.tags}
+
+
+def finished_run_of(client: MlflowClient, experiment_id: str, cell_id: str) -> Run | None:
+    """The FINISHED run of one cell, if there is one (a worker checks before it trains)."""
+    runs = runs_of(client, experiment_id, f"tags.cell_id = '{cell_id}' and attributes.status = 'FINISHED'")
+    return runs[0] if runs else None
+
+
+def kill_running(client: MlflowClient, experiment_id: str, tags: Mapping[str, str], reason: str) -> int:
+    """Mark the RUNNING runs carrying all of `tags` KILLED, with `reason`; how many there were."""
+    filters = " and ".join([f"tags.{k} = '{v}'" for k, v in tags.items()] + ["attributes.status = 'RUNNING'"])
+    runs = runs_of(client, experiment_id, filters)
+    for run in runs:
+        client.set_tag(run.info.run_id, "failure_reason", reason)
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return len(runs)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tarfile
 from pathlib import Path
 
@@ -39,3 +40,13 @@ def mini_cifar_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cifar_root")
     repack_cifar(root / "cifar10-jpeg.tar.gz", 100, 50)
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _scratch_cwd(tmp_path_factory):
+    """Run the session in a scratch folder, so that the default relative outputs of the code under
+    test (results/, mlflow.db) never land in the repository."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)

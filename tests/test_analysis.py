@@ -58,7 +58,8 @@ def trained(tmp_path_factory, mini_cifar_root):
 def _se_run(uri: str):
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(GRID)
-    runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags["variant"] != "baseline"]
+    runs = [r for r in client.search_runs([exp.experiment_id])  # cell runs only: the report run has no cell_id
+            if "cell_id" in r.data.tags and r.data.tags["variant"] != "baseline"]
     assert len(runs) == 1
     return client, runs[0]
 
@@ -166,7 +167,7 @@ def test_single_run_and_refusals(trained, mini_cifar_root):
     work, uri, _, _ = trained
     client, run = _se_run(uri)
     exp = client.get_experiment_by_name(GRID)
-    baseline = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags["variant"] == "baseline")
+    baseline = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("variant") == "baseline")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SENET_ABLATIONS_CACHE", str(work / "cache"))
         with pytest.raises(ValueError, match="no SE blocks"):

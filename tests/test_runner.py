@@ -57,9 +57,11 @@ def env_with_cache(workdir: Path) -> dict[str, str]:
 
 
 def runs(workdir: Path, grid: str) -> list:
+    """The cell runs of a grid (the grid's report run, tagged report=true, has no cell_id)."""
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     exp = client.get_experiment_by_name(grid)
-    return [] if exp is None else client.search_runs([exp.experiment_id], max_results=1000)
+    found = [] if exp is None else client.search_runs([exp.experiment_id], max_results=1000)
+    return [r for r in found if "cell_id" in r.data.tags]
 
 
 def finished(workdir: Path, grid: str) -> list:
@@ -135,9 +137,7 @@ def test_runs_carry_params_metrics_and_tags(workdir, first_run):
 
 def test_rerun_skips_every_cell(workdir, mini_cifar_root, first_run, capsys):
     before = {r.info.run_id for r in runs(workdir, "two_axes")}
-    start = time.perf_counter()
     assert main(cli(workdir, mini_cifar_root, "--grid", "two_axes")) == 0
-    assert time.perf_counter() - start < 30  # nothing trains
     err = capsys.readouterr().err
     assert "0 finished, 4 skipped" in err
     assert {r.info.run_id for r in runs(workdir, "two_axes")} == before

@@ -1,0 +1,448 @@
+"""Parallel and distributed grids: real workers (separate processes) training tiny real models on
+synthetic data, queued in a real Optuna journal file or a real PostgreSQL server, tracked in MLflow.
+
+Every cell must end FINISHED exactly once, whatever happens to the workers.
+"""
+
+from __future__ import annotations
+
+import glob
+import multiprocessing
+import os
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from ablations import workers as W
+from ablations.cli import main
+from ablations.config import load_experiments, resolve_cells
+from ablations.runner import CellAborted
+from ablations.tracking import retry_locked
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {"name": "synthetic", "train_size": 64, "test_size": 32}
+GRID_FILE = {
+    "defaults": {
+        "dataset": TINY,
+        "model": {"arch": "resnet20", "se": {"reduction": 4}},
+        "train": {"epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9, "warmup_epochs": 0},
+        "seeds": [0, 1, 2, 3],
+    },
+    "grids": {
+        # 3 variants x 4 seeds = 12 cells, about a second each
+        "journal12": {"description": "12 cells, journal queue", "axes": {"model.se.reduction": [4, 8, 16]}},
+        "pg12": {"description": "12 cells, PostgreSQL queue", "axes": {"model.se.reduction": [4, 8, 16]}},
+        # longer cells (2 epochs on 256 images), so a worker can be stopped between two epochs
+        "killed": {"description": "a worker is SIGKILLed mid-cell", "axes": {"model.se.reduction": [4, 8]},
+                   "dataset": {"train_size": 256}, "train": {"epochs": 2}, "seeds": [0, 1]},
+        "ctrlc": {"description": "Ctrl-C mid-cell", "axes": {"model.se.reduction": [4, 8]},
+                  "dataset": {"train_size": 256}, "train": {"epochs": 2}, "seeds": [0]},
+        "diverge": {"description": "one cell diverges (NaN within 4 steps)", "axes": {"train.lr": [0.05, 1.0e+12]},
+                    "dataset": {"train_size": 128}, "seeds": [0]},
+        "unit": {"description": "queue tests (nothing trains)", "axes": {"model.se.reduction": [4, 8, 16]}},
+    },
+}
+FAST = ["--heartbeat", "1", "--grace", "4"]  # a dead worker's cell is taken back within seconds
+ONE_CORE = ["--threads", "1"]  # several `worker`s on one 2-core machine: don't oversubscribe it
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """Experiments file, one MLflow store (created here, once: the launcher's job) and a journal."""
+    d = tmp_path_factory.mktemp("workers")
+    (d / "experiments.yaml").write_text(yaml.safe_dump(GRID_FILE, sort_keys=False))
+    MlflowClient(tracking_uri=uri(d)).search_experiments()  # creates the tables
+    return d
+
+
+def uri(d: Path) -> str:
+    return f"sqlite:///{d / 'mlflow.db'}"
+
+
+def args_for(d: Path, *extra: str) -> list[str]:
+    return ["--config", str(d / "experiments.yaml"), "--tracking-uri", uri(d), "--device", "cpu", *extra]
+
+
+def env(d: Path) -> dict[str, str]:
+    return {**os.environ, "SENET_ABLATIONS_CACHE": str(d / "cache"), "PYTHONPATH": str(ROOT)}
+
+
+def start(d: Path, *argv: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "run_ablation.py"), *argv], cwd=d, env=env(d),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def runs(d: Path, grid: str) -> list:
+    """The cells' runs of a grid (other runs, e.g. a report's, live in the same experiment)."""
+    client = MlflowClient(tracking_uri=uri(d))
+    exp = client.get_experiment_by_name(grid)
+    found = [] if exp is None else client.search_runs([exp.experiment_id], max_results=1000)
+    return [r for r in found if "cell_id" in r.data.tags]
+
+
+def cells_of(d: Path, grid: str) -> list:
+    return resolve_cells(load_experiments(d / "experiments.yaml"), grid)
+
+
+def queue(d: Path, grid: str, storage: str | None = None, grace: int = 4) -> W.GridQueue:
+    return W.GridQueue(grid, cells_of(d, grid), storage or str(d / W.JOURNAL_NAME), 1, grace)
+
+
+def assert_exactly_once(d: Path, grid: str, n: int) -> None:
+    finished = [r for r in runs(d, grid) if r.info.status == "FINISHED"]
+    ids = [r.data.tags["cell_id"] for r in finished]
+    assert len(finished) == n and len(set(ids)) == n, sorted(ids)
+    assert set(ids) == {c.cell_id for c in cells_of(d, grid)}
+    assert all(r.info.status != "RUNNING" for r in runs(d, grid))
+
+
+def wait_for_epoch(d: Path, grid: str, procs: list[subprocess.Popen], worker: str | None = None,
+                   timeout: float = 180) -> object:
+    """A RUNNING run (of `worker`, if given) that has logged epoch 1 of 2: a cell half done."""
+    client, deadline = MlflowClient(tracking_uri=uri(d)), time.time() + timeout
+    while time.time() < deadline:
+        for r in runs(d, grid):
+            if r.info.status == "RUNNING" and worker in (None, r.data.tags.get("worker")) \
+                    and client.get_metric_history(r.info.run_id, "train_loss"):
+                return r
+        assert all(p.poll() is None for p in procs), "a worker ended early:\n" + procs[0].stdout.read()
+        time.sleep(0.2)
+    raise AssertionError("no cell reached its first epoch in time")
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+
+
+def _pg_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    which = shutil.which("initdb")
+    return Path(found[-1]).parent if found else Path(which).parent if which else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway PostgreSQL server on 127.0.0.1 (initdb into a temporary folder, pg_ctl start)."""
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL binaries absent (no /usr/lib/postgresql/*/bin/initdb); .ci/run installs them")
+    pytest.importorskip("psycopg2", reason="psycopg2-binary not installed (pip install -e '.[dev]')")
+    tmp = Path(tempfile.mkdtemp(prefix="senet-pg-", dir="/tmp"))
+    as_postgres = os.geteuid() == 0  # postgres refuses to run as root: run it as the postgres user
+    if as_postgres:
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server as")
+        os.chown(tmp, pw.pw_uid, pw.pw_gid)
+    port, data = _free_port(), tmp / "data"
+
+    def pg(*cmd: str) -> None:
+        if as_postgres:
+            cmd = ("runuser", "-u", "postgres", "--", *cmd) if shutil.which("runuser") else \
+                  ("su", "postgres", "-s", "/bin/sh", "-c", shlex.join(cmd))
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+
+    pg(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(tmp / "log"), "-w", "-t", "60",
+       "-o", f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    try:
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+        conn.autocommit = True
+        conn.cursor().execute("CREATE DATABASE optuna")
+        conn.close()
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/optuna"
+    finally:
+        pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_three_workers_journal_exactly_once(workdir):
+    """The launcher: `--workers 3` on one machine, the queue in the journal beside the MLflow store."""
+    proc = start(workdir, *args_for(workdir, "--grid", "journal12", "--workers", "3", *FAST))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert_exactly_once(workdir, "journal12", 12)
+    assert "started 3 workers" in out and "[journal12] 12/12 cells done" in out and "ETA" in out
+    assert re.search(r"^\[w\d\] \[journal12\] cell \d+/12", out, re.M)  # workers' own lines, prefixed
+    assert "grid journal12: 12 finished, 0 failed, 0 not done, of 12 cells" in out
+    assert (workdir / W.JOURNAL_NAME).is_file()
+    trials = queue(workdir, "journal12").trials()
+    assert len(trials) == 12 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.user_attrs["worker"] for t in trials}) >= 2  # cells ran side by side
+    by_run = {r.info.run_id: r for r in runs(workdir, "journal12")}
+    for t in trials:  # trial and run point at each other
+        run = by_run[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["cell_id"] == t.user_attrs["cell_id"] and run.data.tags["optuna_trial"] == str(t.number)
+        assert t.value == pytest.approx(run.data.metrics["final_top1_err"])
+        assert t.params == {"variant": t.user_attrs["variant"], "seed": t.user_attrs["seed"]}
+
+    again = start(workdir, *args_for(workdir, "--grid", "journal12", "--workers", "3"))
+    out, _ = again.communicate(timeout=120)  # done already: no worker starts, nothing runs twice
+    assert again.returncode == 0 and "started 0 workers" in out and "(12 already done)" in out, out
+    assert len(runs(workdir, "journal12")) == 12
+
+
+def test_three_workers_postgres_exactly_once(workdir, postgres_url):
+    """Three `worker` processes, as on three machines, sharing a PostgreSQL queue."""
+    procs = [start(workdir, "worker", *args_for(workdir, "--grid", "pg12", "--storage", postgres_url, *FAST, *ONE_CORE))
+             for _ in range(3)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(outs)
+    assert_exactly_once(workdir, "pg12", 12)
+    trials = queue(workdir, "pg12", postgres_url).trials()
+    assert len(trials) == 12 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.user_attrs["pid"] for t in trials}) >= 2  # cells ran side by side
+    for out in outs:
+        assert "grid pg12: 12 finished, 0 failed, 0 not done, of 12 cells" in out
+
+
+def test_sigkilled_worker_cell_is_taken_back_and_finished_once(workdir):
+    """SIGKILL one of two workers between two epochs of its cell: the other takes the cell back."""
+    worker = ["worker", *args_for(workdir, "--grid", "killed", *FAST, *ONE_CORE)]
+    procs = [start(workdir, *worker, "--worker-id", "victim")]
+    deadline = time.time() + 120
+    while not any(r.data.tags.get("worker") == "victim" for r in runs(workdir, "killed")) and time.time() < deadline:
+        time.sleep(0.2)  # the victim holds a cell before the survivor starts
+    procs.append(start(workdir, *worker, "--worker-id", "survivor"))
+    victim_run = wait_for_epoch(workdir, "killed", procs, worker="victim")
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait()
+    out, _ = procs[1].communicate(timeout=300)
+    assert procs[1].returncode == 0, out
+    assert "took back" in out and "from victim" in out
+    assert_exactly_once(workdir, "killed", 4)
+    by_id = {r.info.run_id: r for r in runs(workdir, "killed")}
+    dead = by_id[victim_run.info.run_id]
+    assert dead.info.status == "KILLED" and "heartbeat" in dead.data.tags["failure_reason"]
+    trials = {t.number: t for t in queue(workdir, "killed").trials()}
+    lost = trials[int(dead.data.tags["optuna_trial"])]
+    assert lost.state == TrialState.FAIL and "failure_kind" not in lost.user_attrs
+    redo = [t for t in trials.values() if t.user_attrs["cell_id"] == lost.user_attrs["cell_id"] and t.number != lost.number]
+    assert len(redo) == 1 and redo[0].state == TrialState.COMPLETE and redo[0].user_attrs["worker"] == "survivor"
+    assert redo[0].user_attrs["attempt"] == 0  # a dead worker does not use up a retry
+
+
+def test_failed_cell_is_retried_then_named(workdir):
+    """A diverging cell fails, runs K=2 more times, stays failed; the other cell finishes; exit 1."""
+    proc = start(workdir, *args_for(workdir, "--grid", "diverge", "--workers", "2", "--retries", "2", *FAST))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out
+    assert "FAILED diverge/lr=1000000000000.0 seed=0" in out and "after 3 attempts" in out and "loss became" in out
+    assert "grid diverge: 1 finished, 1 failed, 0 not done, of 2 cells" in out
+    by_status: dict[str, list] = {}
+    for r in runs(workdir, "diverge"):
+        by_status.setdefault(r.info.status, []).append(r)
+    assert [r.data.tags["variant"] for r in by_status["FINISHED"]] == ["lr=0.05"]
+    assert len(by_status["FAILED"]) == 3 and {r.data.tags["variant"] for r in by_status["FAILED"]} == {"lr=1000000000000.0"}
+    assert all("loss became" in r.data.tags["failure_reason"] for r in by_status["FAILED"])
+    bad = [t for t in queue(workdir, "diverge").trials() if t.user_attrs["variant"] == "lr=1000000000000.0"]
+    assert [t.user_attrs["attempt"] for t in bad] == [0, 1, 2]
+    assert all(t.state == TrialState.FAIL and t.user_attrs["failure_kind"] == "failed"
+               and "loss became" in t.user_attrs["failure_reason"] for t in bad)
+
+
+def test_ctrl_c_marks_killed_and_reruns_next_time(workdir):
+    """SIGINT to the launcher: its workers mark their runs KILLED and trials interrupted; exit 130.
+    The next launch runs those cells again, and only those."""
+    launcher = start(workdir, *args_for(workdir, "--grid", "ctrlc", "--workers", "2", *FAST))
+    wait_for_epoch(workdir, "ctrlc", [launcher])
+    launcher.send_signal(signal.SIGINT)
+    out, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130, out
+    killed = [r for r in runs(workdir, "ctrlc") if r.info.status == "KILLED"]
+    assert killed and all(r.data.tags["failure_reason"] == "interrupted (Ctrl-C)" for r in killed)
+    assert all(r.info.status in ("KILLED", "FINISHED") for r in runs(workdir, "ctrlc"))
+    trials = {t.number: t for t in queue(workdir, "ctrlc").trials()}
+    for run in killed:  # its trial is FAIL, marked as an interruption (no retry used up)
+        trial = trials[int(run.data.tags["optuna_trial"])]
+        assert trial.state == TrialState.FAIL and trial.user_attrs["failure_kind"] == "interrupted"
+
+    rerun = start(workdir, *args_for(workdir, "--grid", "ctrlc", "--workers", "2", *FAST))
+    out, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, out
+    assert_exactly_once(workdir, "ctrlc", 2)
+    assert len([r for r in runs(workdir, "ctrlc") if r.info.status == "KILLED"]) == len(killed)
+
+
+# ----------------------------------------------------------------------------- the queue itself
+
+
+def _claim_all(d: str, storage: str, out) -> None:
+    q = queue(Path(d), "unit", storage)
+    while (t := q.claim()) is not None:
+        out.put(t.number)
+        time.sleep(0.01)  # let the others in
+    out.put(None)
+
+
+def test_concurrent_claims_hand_each_trial_to_one_process(workdir, tmp_path):
+    """Four processes race to claim twelve WAITING trials in one journal: each is claimed once."""
+    storage = str(tmp_path / "claims.log")
+    statuses = queue(workdir, "unit", storage).reconcile(retries=0)
+    assert [s.state for s in statuses.values()] == ["waiting"] * 12
+    ctx = multiprocessing.get_context("fork")
+    got = ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(str(workdir), storage, got)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    claimed, ended = [], 0
+    while ended < 4:
+        item = got.get(timeout=120)
+        ended += item is None
+        claimed += [item] if item is not None else []
+    for p in procs:
+        p.join()
+    assert sorted(claimed) == list(range(12))
+
+
+def test_reconcile_enqueues_each_missing_cell_once(workdir, tmp_path):
+    storage = str(tmp_path / "q.log")
+    a, b = queue(workdir, "unit", storage), queue(workdir, "unit", storage)  # two launchers
+    a.reconcile(retries=0)
+    b.reconcile(retries=0)
+    a.reconcile(retries=0)
+    assert len(a.trials()) == 12 and len({t.user_attrs["cell_id"] for t in a.trials()}) == 12
+
+
+def test_cell_status_rule():
+    from optuna.trial import create_trial
+
+    def t(state: TrialState, n: int, **attrs) -> object:
+        trial = create_trial(state=state, value=1.0 if state == TrialState.COMPLETE else None, user_attrs=attrs)
+        trial.number = n
+        return trial
+
+    fail = lambda n, attempt, kind="failed": t(TrialState.FAIL, n, attempt=attempt, failure_kind=kind, failure_reason="x")
+    assert W.cell_status([], 2) == W.CellStatus("pending", enqueue=0)
+    assert W.cell_status([fail(0, 0)], 2).enqueue == 1  # a failure uses up a retry
+    assert W.cell_status([fail(0, 0), fail(1, 1), fail(2, 2)], 2).state == "failed"
+    assert W.cell_status([fail(0, 0), fail(1, 1), fail(2, 2)], 2, reset_failed=True).enqueue == 0  # a new launch
+    assert W.cell_status([fail(0, 1, "interrupted")], 2).enqueue == 1  # Ctrl-C: the same attempt again
+    assert W.cell_status([t(TrialState.FAIL, 0, attempt=0)], 0).enqueue == 0  # reaped (worker died): again, free
+    assert W.cell_status([fail(0, 0), t(TrialState.RUNNING, 1, attempt=1)], 2).state == "running"
+    assert W.cell_status([t(TrialState.PRUNED, 0), t(TrialState.COMPLETE, 1)], 2).state == "done"
+    # a duplicate (two launchers raced on a database without a lock) is set aside; the oldest never is
+    older, newer = t(TrialState.RUNNING, 3), t(TrialState.RUNNING, 5)
+    assert W.duplicate_of(newer, [older, newer]) is older and W.duplicate_of(older, [older, newer]) is None
+    assert W.duplicate_of(newer, [t(TrialState.FAIL, 3), newer]) is None
+
+
+@pytest.mark.parametrize("backend", ["journal", "postgres"])
+def test_stale_trial_is_taken_back_and_lost_claim_stops_the_cell(workdir, tmp_path, request, backend):
+    """Journal: our heartbeat in a user attribute. PostgreSQL: Optuna's own heartbeat and fail_stale_trials."""
+    storage = str(tmp_path / "stale.log") if backend == "journal" else request.getfixturevalue("postgres_url")
+    q = queue(workdir, "unit", storage, grace=2)
+    q.reconcile(retries=0)
+    silent = q.claim()
+    q.beat(silent)  # a worker that dies after its first heartbeat
+    hb = W.Heartbeat(q, q.claim())  # a live one: its beats keep its trial
+    time.sleep(3)
+    taken = q.reap_stale()
+    assert [t.number for t in taken] == [silent.number]
+    st = q.statuses(0)[silent.user_attrs["cell_id"]]
+    assert st.state == "pending" and st.enqueue == 0
+    q.reconcile(retries=0)
+    assert len(q.trials()) == 13
+    # the live worker's claim is taken from it (as if its beats had stopped): it notices and stops
+    q.storage.set_trial_state_values(hb.trial._trial_id, TrialState.FAIL)
+    with pytest.raises(CellAborted, match="claim lost"):
+        hb.guard(final=True)
+    time.sleep(1.5)
+    assert hb.lost.is_set()
+    hb.stop()
+
+
+def test_worker_slots_pin_one_gpu_each():
+    assert W.worker_slots(None, [0, 1], 1) == ["0", "1"]
+    assert W.worker_slots(None, [0, 1], 2) == ["0", "1", "0", "1"]  # --workers-per-gpu 2
+    assert W.worker_slots(3, [2, 5], 1) == ["2", "5", "2"]
+    assert W.worker_slots(3, [], 1) == [None, None, None]  # CPU workers
+    assert W.parse_gpus("0,1") == [0, 1]
+
+
+def test_default_storage_sits_beside_the_mlflow_store(tmp_path):
+    assert W.default_storage(f"sqlite:///{tmp_path}/x/mlflow.db") == str(tmp_path / "x" / W.JOURNAL_NAME)
+    assert W.is_rdb("postgresql://u@h/db") and not W.is_rdb("/shared/optuna-journal.log")
+
+
+def test_sqlite_store_held_locked_past_the_driver_timeout(workdir):
+    """Another writer holds the MLflow SQLite file for 6.5 s (SQLite's own wait gives up after 5 s):
+    the write still lands, once the lock is gone."""
+    import sqlite3
+    import threading
+
+    from ablations.tracking import client_for
+
+    client = client_for(uri(workdir))
+    exp_id = client.create_experiment("locktest")
+    held = threading.Event()
+
+    def hold() -> None:
+        conn = sqlite3.connect(workdir / "mlflow.db", timeout=30)
+        conn.execute("BEGIN EXCLUSIVE")
+        held.set()
+        time.sleep(6.5)
+        conn.commit()
+        conn.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    start_t = time.perf_counter()
+    client.set_experiment_tag(exp_id, "written", "after the lock")
+    waited = time.perf_counter() - start_t
+    holder.join()
+    assert waited > 5.5  # it did hit 'database is locked' and retried past it
+    assert MlflowClient(tracking_uri=uri(workdir)).get_experiment(exp_id).tags["written"] == "after the lock"
+
+
+def test_locked_sqlite_writes_are_retried():
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return "ok"
+
+    assert retry_locked(flaky) == "ok" and len(calls) == 3
+    with pytest.raises(ValueError):
+        retry_locked(lambda: (_ for _ in ()).throw(ValueError("no such table")))  # other errors are not retried
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--workers", "2", "--force"], "--force"),
+    (["--workers", "0"], "--workers: must be at least 1"),
+    (["--gpus", "0", "--device", "cpu"], "--gpus"),
+    (["--workers", "2", "--heartbeat", "10", "--grace", "5"], "--grace"),
+    (["--workers", "2", "--retries", "-1"], "--retries"),
+])
+def test_bad_parallel_options_exit_2(workdir, capsys, extra, message):
+    code = main(args_for(workdir, "--grid", "unit", *extra))
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "\n" not in err.strip()
