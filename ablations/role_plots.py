@@ -20,8 +20,8 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, NullLocator, PercentFormatter
 
 from ablations.analysis import SATURATION_LEVEL, BlockStats, ExcitationStats
+from ablations.plots import FORMATS, save_figure
 
-FORMATS = ("png", "pdf")
 MAX_CHANNELS = 64  # Fig. 6 shows a sample of channels; more than 64 lines' worth of x is unreadable
 MAX_CLASSES = 10  # more class curves than tab10 has colours cannot be told apart
 WIDTH = 12.0  # inches
@@ -233,17 +233,6 @@ def _sparse_symlog(ax: Axes, top: float) -> None:
     ax.yaxis.set_major_locator(FixedLocator([0.0] + [10.0**k for k in range(0, decades + 1, step)]))
     ax.yaxis.set_minor_locator(NullLocator())
     ax.set_ylim(-0.3, 10.0 ** (decades + 0.3))
-
-
-def save_figure(fig: Figure, stem: Path, dpi: int = 150) -> list[Path]:
-    """<stem>.png and <stem>.pdf, without dates or versions in them (same figure, same bytes)."""
-    metadata = {"png": {"Software": None}, "pdf": {"CreationDate": None, "Producer": None, "Creator": None}}
-    paths = []
-    for ext in FORMATS:
-        path = stem.with_suffix(f".{ext}")
-        fig.savefig(path, format=ext, dpi=dpi, metadata=metadata[ext])
-        paths.append(path)
-    return paths
 
 
 def save_all(stats: ExcitationStats, table: pd.DataFrame, directory: Path, title: str) -> list[Path]:

@@ -1,0 +1,138 @@
+"""bench/ on tiny configurations: every path gives finite positive images/s, the JSON
+is well formed, and the sweep's process protocol works. No timing assertions: this machine is shared."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ablations.train import TrainConfig
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+IMAGENETTE = SHARED / "imagenette-224-mini.tar.gz"
+
+
+def _load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+ts = _load_bench("train_speed")
+loaders = _load_bench("imagefolder_loader")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """Keep the decoded / extracted mini archive out of the user's cache (children inherit it)."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("SENET_ABLATIONS_CACHE", str(path))
+    return path
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _no_nan(text: str):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_quick_run_writes_json_with_both_paths(mini_cifar_root, cache, tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    rc = ts.main(["--quick", "--device", "cpu", "--data-root", str(mini_cifar_root), "--models", "se_resnet20",
+                  "--batch-size", "8", "--warmup-steps", "1", "--steps", "2", "--plain-workers", "1",
+                  "--se-batch", "1", "--se-repeats", "1", "--se-size", "64",
+                  "--workers-per-gpu-sweep", "1,2", "--json-out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "ImageFolder" in text and "extracted once" in text  # says which copy the plain path used
+    assert "harness/plain" in text and "n/a" in text and "skipped: needs CUDA" in text
+
+    report = _no_nan(out.read_text())
+    env = report["environment"]
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__ and "date" in env
+    assert report["timing"]["mode"] == "steps" and report["plain_workers"] == 1
+    (row,) = report["models"]
+    assert row["label"] == "SE-ResNet-20" and _positive(row["training_flops_per_image"])
+    for path in ("plain", "harness"):
+        s = row[path]
+        assert _positive(s["images_per_s"]) and _positive(s["seconds_per_epoch"]), s
+        assert s["extrapolated"] is True and s["timed_steps"] >= 2 and s["timed_images"] == 8 * s["timed_steps"]
+        assert s["epoch_images"] == 1000  # the mini archive's full train split
+        assert row["mfu"][path] is None  # no GPU peak on a CPU
+    assert _positive(row["ratio"])
+    (se,) = report["se_overhead"]
+    assert _positive(se["resnet50_ms"]) and _positive(se["se_resnet50_ms"]) and se["paper_pct"] == 10.0
+    assert "skipped" in report["workers_per_gpu"]
+    assert report["peak_bf16"]["flops"] is None
+
+
+def test_accuracy_check_reports_mean_std_per_path(mini_cifar_root, cache):
+    plain_ds, _ = ts.plain_train_set(mini_cifar_root)
+    tc = TrainConfig(epochs=1, batch_size=10, lr=0.05, label_smoothing=0.0)
+    acc = ts.accuracy_check(mini_cifar_root, plain_ds, torch.device("cpu"), tc, seeds=[0, 1], workers=0,
+                            train_size=40, test_size=20, log=lambda *_: None)
+    for path in ("plain", "harness"):
+        assert len(acc["errors_pct"][path]) == 2
+        assert all(0 <= e <= 100 for e in acc["errors_pct"][path])
+        assert math.isfinite(acc["std_pct"][path])
+    assert acc["train_images"] == 40 and acc["test_images"] == 20
+    assert isinstance(acc["within_2std"], bool)
+
+
+def test_sweep_processes_share_one_window(mini_cifar_root, cache):
+    """The --single protocol (READY, common window, RESULT) on a CPU; the CLI runs it on CUDA only."""
+    rows = ts.workers_sweep([1], torch.device("cpu"), mini_cifar_root, batch_size=8, warmup_s=1.0,
+                            window_s=2.0, spec_key="se_resnet20", train_size=64, test_size=10,
+                            log=lambda *_: None)
+    (row,) = rows
+    assert row["errors"] == [] and _positive(row["aggregate_images_per_s"])
+
+
+def test_windows_time_exactly_the_requested_steps():
+    w = ts.StepWindow(warmup=2, timed=3)
+    with pytest.raises(ts.WindowDone):
+        for _ in range(10):
+            w.step(4)
+            w.synced()
+    assert w.steps == 5 and w.measured()[:2] == (3, 12)
+
+
+def test_peak_table():
+    assert ts.peak_for_name("NVIDIA H100 80GB HBM3") == 989e12
+    assert ts.peak_for_name("NVIDIA H100 PCIe") == 756e12
+    assert ts.peak_for_name("NVIDIA H200") == 989e12
+    assert ts.peak_for_name("NVIDIA A100-SXM4-80GB") == 312e12
+    assert ts.peak_for_name("Tesla T4") is None
+    assert ts.bf16_peak(torch.device("cpu"))[0] is None
+    assert ts.mfu(1000.0, 1e9, None) is None and ts.mfu(1000.0, 1e9, 1e13) == pytest.approx(0.1)
+
+
+@pytest.mark.skipif(not IMAGENETTE.is_file(), reason=f"Imagenette sample absent: {IMAGENETTE}")
+def test_imagefolder_pipelines_all_deliver_batches(cache, tmp_path, capsys):
+    out = tmp_path / "loaders.json"
+    rc = loaders.main(["--device", "cpu", "--data-root", str(SHARED), "--batch-size", "50", "--epochs", "2",
+                       "--workers", "1", "--json-out", str(out)])
+    assert rc == 0
+    report = _no_nan(out.read_text())
+    assert len(report["pipelines"]) == 3 and "harness" in capsys.readouterr().out
+    for r in report["pipelines"].values():
+        assert r["epoch_images"] == 400 and _positive(r["images_per_s"]) and _positive(r["first_epoch_s"])
+
+
+def test_imagefolder_bench_names_a_missing_archive(tmp_path, capsys):
+    assert loaders.main(["--device", "cpu", "--data-root", str(tmp_path)]) == 2
+    assert "imagenette-224-mini.tar.gz not found" in capsys.readouterr().err
