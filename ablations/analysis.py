@@ -440,8 +440,9 @@ def _has_se(run) -> bool:
     return any(k.startswith("model.se.") for k in params)
 
 
-def se_runs(client: MlflowClient, grid: str) -> list:
-    """The FINISHED cell runs of a grid that have SE blocks; the latest run per cell (re-runs replace)."""
+def se_runs(client: MlflowClient, grid: str, preset: str | None = None) -> list:
+    """The FINISHED cell runs of a grid that have SE blocks, trained with `preset` (None: without
+    one); the latest run per cell (re-runs replace)."""
     experiment = client.get_experiment_by_name(grid)
     if experiment is None:
         raise ValueError(f"no MLflow experiment named {grid!r}: run the grid first")
@@ -450,6 +451,8 @@ def se_runs(client: MlflowClient, grid: str) -> list:
         cell = run.data.tags.get("cell_id")
         if cell is None or not _has_se(run):  # no cell_id: e.g. the grid's report run
             continue
+        if run.data.tags.get("preset", "") != (preset or ""):
+            continue
         if cell not in latest or run.info.start_time > latest[cell].info.start_time:
             latest[cell] = run
     return sorted(latest.values(), key=lambda r: (r.data.tags.get("variant", ""), int(r.data.tags.get("seed", 0))))
@@ -457,12 +460,14 @@ def se_runs(client: MlflowClient, grid: str) -> list:
 
 def analyze_grid(tracking_uri: str, grid: str, *, results_dir: str | Path = "results", data_root: str | None = None,
                  device: str | torch.device = "cpu", max_images: int | None = None,
-                 run_id: str | None = None) -> list[Path]:
-    """`analyze_run` for every FINISHED SE run of `grid` (or just `run_id`); one progress line per run on stderr."""
+                 run_id: str | None = None, preset: str | None = None) -> list[Path]:
+    """`analyze_run` for every FINISHED SE run of `grid` trained with `preset` (or just `run_id`);
+    one progress line per run on stderr."""
     client = MlflowClient(tracking_uri=tracking_uri)
-    runs = [client.get_run(run_id)] if run_id else se_runs(client, grid)
+    runs = [client.get_run(run_id)] if run_id else se_runs(client, grid, preset)
     if not runs:
-        print(f"role of SE: grid {grid} has no FINISHED run with SE blocks", file=sys.stderr, flush=True)
+        which = f" with preset {preset}" if preset else " without a preset"
+        print(f"role of SE: grid {grid} has no FINISHED run with SE blocks{which}", file=sys.stderr, flush=True)
     device = _resolve_device(device)
     if runs:
         print(f"role of SE: {len(runs)} run(s) of {grid} on {device}", file=sys.stderr, flush=True)

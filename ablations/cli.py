@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--analyze", action="store_true",
                    help="role of SE: excitation statistics per class and depth for the finished SE runs of --grid")
     p.add_argument("--run-id", metavar="ID", help="with --analyze: only this MLflow run")
-    p.add_argument("--results-dir", default="results", metavar="PATH", help="where reports go (default: %(default)s)")
+    p.add_argument("--results-dir", metavar="PATH",
+                   help="where reports go (default: results, or results/presets/NAME with --preset NAME)")
     add_parallel_options(p)
     return p
 
@@ -104,7 +106,7 @@ def _report_or_analyze(args: argparse.Namespace, exps: ExperimentsFile) -> int:
             raise ConfigError("--analyze: name the grid with --grid")
         for name in args.grid:
             for path in analyze_grid(tracking_uri, name, results_dir=args.results_dir, data_root=args.data_root,
-                                     device=args.device, run_id=args.run_id):
+                                     device=args.device, run_id=args.run_id, preset=args.preset):
                 print(path)
         if not args.report:
             from ablations.report import write_index
@@ -113,16 +115,18 @@ def _report_or_analyze(args: argparse.Namespace, exps: ExperimentsFile) -> int:
     if args.report:
         from ablations.report import report_all
 
-        print(report_all(tracking_uri, grids=args.grid or None, results_dir=args.results_dir, experiments=exps))
+        print(report_all(tracking_uri, grids=args.grid or None, results_dir=args.results_dir, experiments=exps,
+                         preset=args.preset))
     return EXIT_OK
 
 
-def _report_quietly(tracking_uri: str, grid: str, exps: ExperimentsFile, results_dir: str) -> None:
+def _report_quietly(tracking_uri: str, grid: str, exps: ExperimentsFile, results_dir: str,
+                    preset: str | None) -> None:
     """Refresh a grid's tables and plots after it ran; a failing report must not fail the runs."""
     from ablations.report import write_index, write_report
 
     try:
-        path = write_report(tracking_uri, grid, results_dir=results_dir, experiments=exps)
+        path = write_report(tracking_uri, grid, results_dir=results_dir, experiments=exps, preset=preset)
         write_index(results_dir)
         print(f"report: {path}", file=sys.stderr)
     except Exception as exc:  # the runs are safe in the store; `--report` can retry
@@ -133,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     worker = argv[:1] == ["worker"]  # `run_ablation.py worker ...`: pull cells from the grids' queues
     args = build_parser().parse_args(argv[1:] if worker else argv)
+    if args.results_dir is None:  # a smoke check must never overwrite the real results
+        args.results_dir = str(Path("results") / "presets" / args.preset) if args.preset else "results"
     try:
         exps, grids = _cells(args)
         if args.list:
@@ -155,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             code = launch(args, exps, grids)
             for name, _ in grids:
-                _report_quietly(args.tracking_uri or default_tracking_uri(), name, exps, args.results_dir)
+                _report_quietly(args.tracking_uri or default_tracking_uri(), name, exps, args.results_dir, args.preset)
             return code
         from ablations.runner import run_grid
         from ablations.tracking import default_tracking_uri
@@ -169,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tags = {"paper_table": str(grid.paper_table)} if grid.paper_table else {}
             outcomes.append(run_grid(name, cells, tracking_uri=tracking_uri, device=device,
                                      description=grid.description, force=args.force, tags=tags))
-            _report_quietly(tracking_uri, name, exps, args.results_dir)
+            _report_quietly(tracking_uri, name, exps, args.results_dir, args.preset)
     except (ConfigError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -20,7 +20,7 @@ import hashlib
 import itertools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence, get_args
 
@@ -188,6 +188,7 @@ class Cell:
     seed: int
     config: ExperimentConfig
     axes: dict[str, Any]  # this variant's axis values ({} for baseline)
+    preset: str | None = None  # the --preset it was resolved with: reports keep preset runs apart
 
     @property
     def cell_id(self) -> str:
@@ -552,7 +553,8 @@ def resolve_cells(
         extra.append(_Layer(f"--set {item}", _nest(key, value), key=key))
     if seeds is not None:
         chosen = _check_seeds(list(seeds), "--seeds")
-    return _expand(exps, grid, extra, chosen)
+    cells = _expand(exps, grid, extra, chosen)
+    return [replace(c, preset=preset) for c in cells] if preset is not None else cells
 
 
 __all__ = [

@@ -83,7 +83,7 @@ class GridProgress:
         self.cell, self.epochs = cell, epochs
         self._cell_start, self._fraction, self._last_step_line = time.perf_counter(), 0.0, time.perf_counter()
         self._print(f"[{self.grid}] cell {self.done + 1}/{self.total}: {cell.variant} seed={cell.seed} "
-                    f"(cell_id {cell.cell_id}), {epochs} epochs")
+                    f"(cell_id {cell.cell_id}), {epochs} epoch{'' if epochs == 1 else 's'}")
         if self._bars is not None:
             self._bars.reset(self._cell_task, total=epochs, completed=0, visible=True,
                              description=f"{cell.variant} seed={cell.seed}", info="")

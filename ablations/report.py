@@ -91,6 +91,7 @@ def cell_runs(frame: pd.DataFrame) -> pd.DataFrame:
         "data_source": _column(f, "tags.data_source"),
         "paper_table": pd.to_numeric(_column(f, "tags.paper_table"), errors="coerce"),
         "cell_id": _column(f, "tags.cell_id"),
+        "preset": _column(f, "tags.preset").fillna(""),  # "" = trained without a preset
         "start_time": _column(f, "start_time"),
         "arch": _column(f, "params.model.arch"),
         "plain": (_column(f, "params.model.se") == "None").astype(bool),  # the flattened `se: null`
@@ -391,6 +392,8 @@ class Context:
     data_sources: tuple[str, ...] = ()
     left_out: int = 0
     differing: tuple[str, ...] = ()
+    preset: str | None = None  # the runs were trained with this --preset
+    other_presets: tuple[str, ...] = ()  # presets (or "" for none) with finished runs not shown here
 
 
 def _source_name(source: str) -> str:
@@ -416,9 +419,11 @@ def caption(summary: pd.DataFrame, layout: Layout, ctx: Context) -> list[str]:
     if ctx.train_size:
         setting += f" ({ctx.train_size} training images)"
     if ctx.epochs:
-        setting += f", {ctx.epochs} epochs"
+        setting += f", {ctx.epochs} epoch{'' if ctx.epochs == 1 else 's'}"
     if ctx.data_sources:
         setting += f"; data: {', '.join(_source_name(s) for s in ctx.data_sources)}"
+    if ctx.preset:
+        setting += f"; preset: {ctx.preset}"
     out.append(setting + ".")
     out.append("Errors: test error (%) after the last epoch, mean ± sample std over n seeds; bold: lowest mean.")
     if (ns == 1).any():
@@ -465,12 +470,24 @@ def to_latex(summary: pd.DataFrame, layout: Layout, ctx: Context) -> str:
         position="t", position_float="centering")
 
 
+def _empty_sentence(ctx: Context) -> str:
+    which = f" with preset {ctx.preset}" if ctx.preset else " without a preset" if ctx.other_presets else ""
+    text = f"No finished runs of this grid{which} yet: nothing to tabulate."
+    named = [p for p in ctx.other_presets if p]
+    if named:
+        text += f" Runs of preset {', '.join(named)} are in the store: report them with --report --preset NAME."
+    elif ctx.other_presets:
+        text += " Runs without a preset are in the store: report them with --report and no --preset."
+    return text
+
+
 def empty_markdown(ctx: Context) -> str:
-    return f"## {ctx.grid} on {ctx.dataset}\n\nNo finished runs of this grid yet: nothing to tabulate.\n"
+    return f"## {ctx.grid} on {ctx.dataset}\n\n{_empty_sentence(ctx)}\n"
 
 
 def empty_latex(ctx: Context) -> str:
-    text = tex_escape(f"{ctx.grid} on {ctx.dataset}: no finished runs of this grid yet, nothing to tabulate.")
+    sentence = _empty_sentence(ctx)
+    text = tex_escape(f"{ctx.grid} on {ctx.dataset}: {sentence[0].lower()}{sentence[1:]}")
     return f"% {text}\n\\begin{{table}}[t]\n\\centering\n\\caption{{{text}}}\n\\end{{table}}\n"
 
 
@@ -533,21 +550,31 @@ def _paper_number(runs: pd.DataFrame, grid: GridConfig | None) -> int | None:
     return int(tagged.iloc[-1]) if len(tagged) else None
 
 
-def build_report(frame: pd.DataFrame, grid: str, dataset: str | None = None, *,
-                 grid_config: GridConfig | None = None, description: str = "",
-                 default_dataset: str = "unknown", default_arch: str | None = None) -> GridReport:
-    """The report of one grid on one dataset from runs as `mlflow.search_runs` (or runs_frame) gives them.
-
-    dataset None: the dataset of the grid's latest finished run.
-    """
+def preset_cells(frame: pd.DataFrame, grid: str, preset: str | None) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """The cell runs of `grid` trained with `preset` (None: without one), and the other presets
+    ("" for none) that have finished runs of the grid. A smoke check never mixes into real results."""
     cells = cell_runs(frame)
     cells = cells.loc[cells["grid"].fillna(grid) == grid]
+    mine = cells["preset"] == (preset or "")
+    return cells.loc[mine], tuple(sorted(set(cells.loc[~mine, "preset"])))
+
+
+def build_report(frame: pd.DataFrame, grid: str, dataset: str | None = None, *,
+                 grid_config: GridConfig | None = None, description: str = "",
+                 default_dataset: str = "unknown", default_arch: str | None = None,
+                 preset: str | None = None) -> GridReport:
+    """The report of one grid on one dataset from runs as `mlflow.search_runs` (or runs_frame) gives them.
+
+    dataset None: the dataset of the grid's latest finished run. Only runs trained with `preset`
+    (None: without a preset) count.
+    """
+    cells, others = preset_cells(frame, grid, preset)
     if dataset is None:
         dataset = cells["dataset"].iloc[-1] if len(cells) else default_dataset
     cells = cells.loc[cells["dataset"] == dataset].reset_index(drop=True)
     description = description or (grid_config.description if grid_config else "")
     if cells.empty:
-        ctx = Context(grid, dataset, description)
+        ctx = Context(grid, dataset, description, preset=preset, other_presets=others)
         return GridReport(grid, dataset, cells.assign(label=pd.Series(dtype=str)), None, pd.DataFrame(),
                           empty_markdown(ctx), empty_latex(ctx))
     axis_keys = set(grid_config.axes) if grid_config else None
@@ -564,7 +591,7 @@ def build_report(frame: pd.DataFrame, grid: str, dataset: str | None = None, *,
         epochs=int(epochs.iloc[0]) if len(epochs) else None,
         train_size=str(train_size.iloc[0]) if len(train_size) else None,
         data_sources=tuple(sorted(set(runs["data_source"].dropna()))),
-        left_out=chosen.left_out, differing=chosen.differing)
+        left_out=chosen.left_out, differing=chosen.differing, preset=preset)
     return GridReport(grid, dataset, runs, layout, summary, to_markdown(summary, layout, ctx), to_latex(summary, layout, ctx))
 
 
@@ -602,12 +629,13 @@ def _report_run(client: MlflowClient, experiment_id: str, grid: str) -> str:
 
 
 def write_report(tracking_uri: str, grid: str, results_dir: str | Path = "results",
-                 experiments: ExperimentsFile | str | Path | None = None) -> Path:
+                 experiments: ExperimentsFile | str | Path | None = None, preset: str | None = None) -> Path:
     """Tables (md, tex, csv) and figures (png, pdf) of a grid into results/<dataset>/<grid>/.
 
-    Reads only the MLflow store. One directory per dataset the grid was run on; returns the one of
-    the latest run. The same files are logged as artifacts (under <dataset>/) of the experiment's
-    single `report=true` run. Running it twice gives byte-identical files.
+    Reads only the MLflow store, and only the runs trained with `preset` (None: without one). One
+    directory per dataset the grid was run on; returns the one of the latest run. The same files are
+    logged as artifacts (under <dataset>/, or presets/<preset>/<dataset>/) of the experiment's single
+    `report=true` run. Running it twice gives byte-identical files.
     """
     grid_config, exps = _grid_config(experiments, grid)
     default_dataset = "unknown"
@@ -619,18 +647,20 @@ def write_report(tracking_uri: str, grid: str, results_dir: str | Path = "result
     experiment = client.get_experiment_by_name(grid)
     frame = runs_frame(client, experiment.experiment_id) if experiment is not None else pd.DataFrame()
     description = (experiment.tags.get("mlflow.note.content", "") if experiment is not None else "")
-    datasets = list(dict.fromkeys(reversed(cell_runs(frame)["dataset"].tolist()))) or [default_dataset]
+    mine, _ = preset_cells(frame, grid, preset)
+    datasets = list(dict.fromkeys(reversed(mine["dataset"].tolist()))) or [default_dataset]
 
     first: Path | None = None
     run_id = _report_run(client, experiment.experiment_id, grid) if experiment is not None else None
     for dataset in datasets:
         report = build_report(frame, grid, dataset, grid_config=grid_config, description=description,
-                              default_dataset=default_dataset, default_arch=default_arch)
+                              default_dataset=default_dataset, default_arch=default_arch, preset=preset)
         history = metric_histories(client, report.runs) if not report.runs.empty else None
         directory = Path(results_dir) / _safe(dataset) / _safe(grid)
         save_report(report, directory, history)
         if run_id is not None:
-            client.log_artifacts(run_id, str(directory), artifact_path=_safe(dataset))
+            where = _safe(dataset) if preset is None else f"presets/{_safe(preset)}/{_safe(dataset)}"
+            client.log_artifacts(run_id, str(directory), artifact_path=where)
         first = first or directory
     if run_id is not None:
         client.set_terminated(run_id, "FINISHED")
@@ -687,7 +717,7 @@ def _figure_rank(stem: str) -> tuple[int, str]:
 
 
 def report_all(tracking_uri: str, grids: Iterable[str] | None = None, results_dir: str | Path = "results",
-               experiments: ExperimentsFile | str | Path | None = None) -> Path:
+               experiments: ExperimentsFile | str | Path | None = None, preset: str | None = None) -> Path:
     """write_report for each grid (None: every experiment in the store), then write_index.
 
     This is what `run_ablation.py --report` does.
@@ -696,12 +726,12 @@ def report_all(tracking_uri: str, grids: Iterable[str] | None = None, results_di
         client = MlflowClient(tracking_uri=tracking_uri)
         grids = sorted(e.name for e in client.search_experiments() if e.name != "Default")
     for grid in grids:
-        write_report(tracking_uri, grid, results_dir, experiments)
+        write_report(tracking_uri, grid, results_dir, experiments, preset)
     return write_index(results_dir)
 
 
 __all__ = [
     "Context", "GridReport", "Layout", "Selection", "backbone_name", "build_report", "cell_runs",
-    "default_variant", "expected_variants", "make_layout", "metric_histories", "report_all", "runs_frame",
+    "default_variant", "expected_variants", "make_layout", "metric_histories", "preset_cells", "report_all", "runs_frame",
     "save_report", "select_setting", "summarize", "to_latex", "to_markdown", "write_index", "write_report",
 ]

@@ -207,6 +207,7 @@ class CellRun:
             "device_name": device_name(device),
             "host": socket.gethostname(),
             "pid": str(os.getpid()),
+            **({"preset": cell.preset} if cell.preset else {}),
             **(extra_tags or {}),
         }
         run = client.create_run(experiment_id, tags=tags, run_name=f"{cell.variant} seed={cell.seed}")

@@ -79,15 +79,18 @@ def log_cell(client: MlflowClient, exp_id: str, cell, top1: float, top5: float, 
 
 def fill(uri: str, exps, grid: str, top1: dict[str, list[float]], top5: dict[str, list[float]],
          cost: dict[str, tuple[int, float]], seeds: list[int], preset: str | None = None,
-         tags: dict[str, str] | None = None) -> None:
+         tags: dict[str, str] | None = None, sets: tuple[str, ...] = ()) -> None:
     client = MlflowClient(tracking_uri=uri)
     exp_id = ensure_experiment(client, uri, grid, exps.grids[grid].description)
-    for cell in resolve_cells(exps, grid, preset=preset, seeds=seeds):
+    for cell in resolve_cells(exps, grid, preset=preset, sets=sets, seeds=seeds):
         if cell.variant in top1:
             i = seeds.index(cell.seed)
             epochs = cell.config.train.epochs
             log_cell(client, exp_id, cell, top1[cell.variant][i], top5[cell.variant][i], cost[cell.variant],
                      epochs, tags)
+
+
+SHORT = ("dataset.train_size=320", "dataset.test_size=200", "train.epochs=2", "train.batch_size=32")
 
 
 @pytest.fixture(scope="module")
@@ -114,13 +117,13 @@ def new_store(blank_db):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, exps, blank_db) -> str:
-    """reduction: a smoke run first (another setting, to be left out), one FAILED run, then 3 seeds of all
+    """reduction: a short run first (another setting, to be left out), one FAILED run, then 3 seeds of all
     six variants; stage: 2 seeds with the paper's Table 13 rows plus SE_Stage_5 (not in the paper)."""
     folder = tmp_path_factory.mktemp("store")
     shutil.copyfile(blank_db, folder / "mlflow.db")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     smoke = {v: [e[0] + 20] for v, e in REDUCTION_TOP1.items() if v in ("r=2", "r=16")}
-    fill(uri, exps, "reduction", smoke, {v: [5.0] for v in smoke}, RESNET18, [0], preset="smoke")
+    fill(uri, exps, "reduction", smoke, {v: [5.0] for v in smoke}, RESNET18, [0], sets=SHORT)
     client = MlflowClient(tracking_uri=uri)
     exp_id = client.get_experiment_by_name("reduction").experiment_id
     cell = resolve_cells(exps, "reduction", seeds=[0])[1]
@@ -185,7 +188,7 @@ def test_reduction_table_content(reduction_dir):
     assert by_name["32"][5] == "+0.21*" and by_name["8"][5] == "-0.02"
     assert by_name["2"][6] == "22.29" and by_name["ResNet-18 (no SE)"][6] == "23.30"
     assert "Welch's t-test" in md and "paper Table 10" in md
-    # the smoke runs (another setting) and the FAILED run are not in the table
+    # the short runs (another setting) and the FAILED run are not in the table
     assert "2 finished run(s) of another setting" in md and "train.epochs" in md
     tex = (reduction_dir / "table.tex").read_text()
     assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex
@@ -239,6 +242,35 @@ def test_empty_store_says_no_finished_runs(tmp_path, exps, new_store):
     other = report.write_report(uri, "squeeze", tmp_path / "results", experiments=exps)
     assert "No finished runs" in (other / "table.md").read_text()
     assert client.get_experiment_by_name("squeeze") is None
+
+
+def test_preset_runs_are_reported_apart(tmp_path, exps, new_store):
+    """A smoke check logged into the same store never enters the table of the real runs, and back."""
+    uri = new_store(tmp_path / "store")
+    fill(uri, exps, "reduction", {"r=16": [30.0], "r=2": [31.0]}, {"r=16": [9.0], "r=2": [9.5]}, RESNET18, [0],
+         preset="smoke")
+    results = tmp_path / "results"
+    # only smoke runs so far: the real report is empty and says how to get the smoke one
+    out = report.write_report(uri, "reduction", results, experiments=exps)
+    md = (out / "table.md").read_text()
+    assert "No finished runs of this grid without a preset yet" in md and "--report --preset NAME" in md
+    assert "smoke" in md and not list(out.glob("*.png"))
+
+    real = {"r=16": [7.0, 7.1], "r=2": [6.9, 7.0]}
+    fill(uri, exps, "reduction", real, {v: [0.2, 0.21] for v in real}, RESNET18, [0, 1])
+    fill(uri, exps, "reduction", {"r=16": [40.0]}, {"r=16": [12.0]}, RESNET18, [1], preset="smoke")  # latest run
+    rows = {r[0]: r for r in table_rows((report.write_report(uri, "reduction", results, experiments=exps)
+                                          / "table.md").read_text())[1:]}
+    assert rows["16"][1:3] == ["2", "7.05 ± 0.07"] and rows["2"][1] == "2"
+    smoke_dir = report.write_report(uri, "reduction", tmp_path / "smoke", experiments=exps, preset="smoke")
+    smoke_md = (smoke_dir / "table.md").read_text()
+    rows = {r[0]: r for r in table_rows(smoke_md)[1:]}
+    assert rows["16"][1:3] == ["2", "35.00 ± 7.07"] and rows["2"][1:3] == ["1", "**31.00**"]
+    assert "preset: smoke" in smoke_md and "another setting" not in smoke_md
+    artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(
+        report._report_run(MlflowClient(tracking_uri=uri), MlflowClient(tracking_uri=uri)
+                           .get_experiment_by_name("reduction").experiment_id, "reduction"), "presets/smoke")}
+    assert artifacts == {"presets/smoke/cifar10"}
 
 
 def test_generic_layout_for_a_grid_without_paper_table(tmp_path, new_store):

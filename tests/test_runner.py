@@ -37,6 +37,7 @@ GRID_FILE = {
             "train": {"epochs": 1},
         },
     },
+    "presets": {"tiny": {"dataset": {"train_size": 100, "test_size": 50}, "train": {"epochs": 1}}},
 }
 
 
@@ -152,6 +153,22 @@ def test_diverging_cell_fails_named_and_grid_goes_on(workdir, mini_cifar_root, f
     assert by_variant["lr=0.05"].info.status == "FINISHED"
     assert by_variant["lr=1000000000000.0"].info.status == "FAILED"
     assert "loss became" in by_variant["lr=1000000000000.0"].data.tags["failure_reason"]
+
+
+def test_preset_runs_are_tagged_and_reported_apart(workdir, mini_cifar_root, first_run, tmp_path, monkeypatch,
+                                                   capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(cli(workdir, mini_cifar_root, "--grid", "two_axes", "--preset", "tiny")) == 0
+    tiny = [r for r in finished(workdir, "two_axes") if r.data.tags.get("preset") == "tiny"]
+    assert len(tiny) == 4 and all(r.data.params["dataset.train_size"] == "100" for r in tiny)
+    # the automatic report of a preset run goes to results/presets/<preset>/, never over the real one
+    smoke_table = (tmp_path / "results" / "presets" / "tiny" / "cifar10" / "two_axes" / "table.md").read_text()
+    assert "preset: tiny" in smoke_table and "100 training images" in smoke_table
+    assert not (tmp_path / "results" / "cifar10").exists()
+    capsys.readouterr()
+    assert main(cli(workdir, mini_cifar_root, "--report", "--grid", "two_axes")) == 0
+    real_table = (tmp_path / "results" / "cifar10" / "two_axes" / "table.md").read_text()
+    assert "600 training images" in real_table and "preset" not in real_table
 
 
 def test_missing_dataset_is_bad_input(tmp_path, workdir, capsys):
