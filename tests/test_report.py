@@ -117,13 +117,15 @@ def new_store(blank_db):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, exps, blank_db) -> str:
-    """reduction: a short run first (another setting, to be left out), one FAILED run, then 3 seeds of all
-    six variants; stage: 2 seeds with the paper's Table 13 rows plus SE_Stage_5 (not in the paper)."""
+    """reduction: a short run first (another setting, to be left out), a smoke-preset run (reported apart),
+    one FAILED run, then 3 seeds of all six variants; stage: 2 seeds with the paper's Table 13 rows plus
+    SE_Stage_5 (not in the paper)."""
     folder = tmp_path_factory.mktemp("store")
     shutil.copyfile(blank_db, folder / "mlflow.db")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     smoke = {v: [e[0] + 20] for v, e in REDUCTION_TOP1.items() if v in ("r=2", "r=16")}
     fill(uri, exps, "reduction", smoke, {v: [5.0] for v in smoke}, RESNET18, [0], sets=SHORT)
+    fill(uri, exps, "reduction", {"r=16": [40.0]}, {"r=16": [12.0]}, RESNET18, [0], preset="smoke")  # apart
     client = MlflowClient(tracking_uri=uri)
     exp_id = client.get_experiment_by_name("reduction").experiment_id
     cell = resolve_cells(exps, "reduction", seeds=[0])[1]
@@ -374,6 +376,7 @@ def test_notebook_runs_headless_against_a_small_store(store, tmp_path, monkeypat
     assert not [o for o in outputs if o.output_type == "error"]
     text = json.dumps([o.get("data", {}).get("text/markdown", "") for o in outputs])
     assert "Ratio r" in text and "SE_Stage_2" in text  # both grids' tables, built by ablations.report
+    assert "preset: smoke" in text and "40.00" in text  # the smoke run, in a table of its own
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 7  # reduction: 4 figures, stage: 3
     assert list(tmp_path.iterdir()) == [] or all(p.name.startswith(".") for p in tmp_path.iterdir())
