@@ -136,3 +136,13 @@ def test_imagefolder_pipelines_all_deliver_batches(cache, tmp_path, capsys):
 def test_imagefolder_bench_names_a_missing_archive(tmp_path, capsys):
     assert loaders.main(["--device", "cpu", "--data-root", str(tmp_path)]) == 2
     assert "imagenette-224-mini.tar.gz not found" in capsys.readouterr().err
+
+
+def test_device_kit_scripts_parse():
+    """bench/device/ runs only on the lent GPU machine; here at least its scripts must parse."""
+    import subprocess
+
+    for script in ("session.sh", "fetch_wheels.sh"):
+        done = subprocess.run(["bash", "-n", str(BENCH / "device" / script)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    compile((BENCH / "device" / "check_env.py").read_text(), "check_env.py", "exec")
