@@ -92,6 +92,8 @@ def gpu_decode_pipeline(tree: Path, mean: tuple[float, ...], std: tuple[float, .
     import torchvision
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    # a list of images in one call (one nvJPEG batch on CUDA) exists from torchvision 0.20
+    batched = tuple(int(v) for v in torchvision.__version__.split("+")[0].split(".")[:2]) >= (0, 20)
     ds = torchvision.datasets.ImageFolder(str(tree / "train"))
     # the bytes in host memory, read once (torchvision.io.read_file is deprecated in 0.29)
     raw = [torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8) for path, _ in ds.samples]
@@ -104,7 +106,9 @@ def gpu_decode_pipeline(tree: Path, mean: tuple[float, ...], std: tuple[float, .
             idx = order[start:start + batch_size]
             with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for TorchCodec
                 warnings.simplefilter("ignore")
-                imgs = decode_jpeg([raw[i] for i in idx], mode=ImageReadMode.RGB, device=device)
+                batch = [raw[i] for i in idx]
+                imgs = (decode_jpeg(batch, mode=ImageReadMode.RGB, device=device) if batched else
+                        [decode_jpeg(b, mode=ImageReadMode.RGB, device=device) for b in batch])
             x = torch.stack(imgs)  # the Imagenette sample is 224x224 throughout
             x = augment.random_resized_crop_flip(x, SIZE, generator=gen)
             yield augment.normalize(x, mean, std, torch.float32), labels[idx].to(device)

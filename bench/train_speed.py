@@ -622,6 +622,10 @@ def workers_sweep(ks: Sequence[int], device: torch.device, root: Path, batch_siz
                     p.wait(timeout=60)
                 if p.poll() is None:
                     p.kill()  # only the processes started here
+                    p.wait()
+                for pipe in (p.stdin, p.stdout):
+                    with contextlib.suppress(OSError):
+                        pipe.close()
         rates = [r["images_per_s"] for r in results if "images_per_s" in r]
         row = {"k": k, "per_process_images_per_s": rates,
                "aggregate_images_per_s": sum(rates) if len(rates) == k else None,

@@ -82,6 +82,7 @@ def first_run(workdir, mini_cifar_root):
     proc.send_signal(signal.SIGKILL)  # no chance to clean up: the running cell stays RUNNING
     proc.wait()
     killed_log = proc.stdout.read()
+    proc.stdout.close()
     assert 1 <= len(survivors) < 4
     resumed = subprocess.run(cmd, env=env_with_cache(workdir), capture_output=True, text=True, timeout=600)
     return survivors, killed_log, resumed

@@ -231,7 +231,7 @@ def test_sigkilled_worker_cell_is_taken_back_and_finished_once(workdir):
     procs.append(start(workdir, *worker, "--worker-id", "survivor"))
     victim_run = wait_for_epoch(workdir, "killed", procs, worker="victim")
     procs[0].send_signal(signal.SIGKILL)
-    procs[0].wait()
+    procs[0].communicate()  # reaps it and closes its pipe
     out, _ = procs[1].communicate(timeout=300)
     assert procs[1].returncode == 0, out
     assert "took back" in out and "from victim" in out
