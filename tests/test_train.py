@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -71,3 +73,18 @@ def test_divergence_fails_the_cell(synthetic):
     with pytest.raises(CellFailed, match="loss became (nan|inf)"):
         _run(_config(lr=1e12, epochs=1), synthetic)
 
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on a CPU needs a C++ compiler (inductor's CPU code generation)")
+def test_compiled_training_matches_eager_and_saves_plain_weights(synthetic):
+    """train.compile=true: the same numbers as eager (up to float reassociation), and the weights come
+    back under the model's own keys, loadable into an uncompiled model (no `_orig_mod.` prefix)."""
+    eager = _run(_config(epochs=1), synthetic)
+    compiled = _run(_config(epochs=1, compile=True), synthetic)
+    assert compiled.history[0].train_loss == pytest.approx(eager.history[0].train_loss, rel=1e-3)
+    assert abs(compiled.final.test_top1_err - eager.final.test_top1_err) <= 2.0  # a flip or two of 128 images
+    state = compiled.model.state_dict()
+    fresh = build_model(_config().model)
+    assert set(state) == set(fresh.state_dict())
+    fresh.load_state_dict(state)
