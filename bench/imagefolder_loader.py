@@ -21,24 +21,25 @@ a temporary folder for (a) and (b).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import json
-import platform
 import sys
 import tarfile
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # runnable as a script without installing the package
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "bench"):  # runnable as a script without installing the package
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 import torch  # noqa: E402
+
+import benchlib  # noqa: E402  (bench/benchlib.py)
 
 from ablations import augment  # noqa: E402
 from ablations.data import iterate_batches, load_dataset  # noqa: E402
@@ -48,22 +49,17 @@ ARCHIVE = "imagenette-224-mini.tar.gz"
 SIZE = 224
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_epochs(make_epoch: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]], epochs: int,
                 device: torch.device) -> dict[str, float]:
     """Images/s over epochs 2..N (epoch 1 pays worker start-up, caches and cuDNN/nvJPEG init)."""
     times, counts = [], []
     for epoch in range(epochs):
-        _sync(device)
+        benchlib.sync(device)
         start = time.perf_counter()
         seen = 0
         for x, _ in make_epoch(epoch):
             seen += len(x)
-        _sync(device)
+        benchlib.sync(device)
         times.append(time.perf_counter() - start)
         counts.append(seen)
     return {"images_per_s": sum(counts[1:]) / sum(times[1:]), "first_epoch_s": times[0],
@@ -125,10 +121,7 @@ def harness_pipeline(root: Path, batch_size: int, device: torch.device) -> tuple
 
 def extract(archive: Path, dst: Path) -> Path:
     with tarfile.open(archive, "r:*") as tar:
-        try:
-            tar.extractall(dst, filter="data")
-        except TypeError:  # Python without extraction filters
-            tar.extractall(dst)
+        benchlib.extract_all(tar, dst)
     (tree,) = [p for p in dst.iterdir() if (p / "train").is_dir()]
     return tree
 
@@ -149,11 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (root / ARCHIVE).is_file():
         print(f"error: {root / ARCHIVE} not found (the Imagenette sample; see ../shared/data/README.md)", file=sys.stderr)
         return 2
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": str(device),
-           "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
-           "cpu_threads": torch.get_num_threads()}
-    print(f"device {device} ({name}), torch {env['torch']}, CUDA {env['cuda']}, threads {env['cpu_threads']}, "
+    env = benchlib.environment(device)
+    print(f"device {device} ({env['device_name']}), torch {env['torch']}, CUDA {env['cuda']}, threads {env['cpu_threads']}, "
           f"{env['date']}; batch {args.batch_size}, {args.epochs} epochs each (the first not timed)")
 
     start = time.perf_counter()

@@ -10,18 +10,13 @@ so that drift (thermal, other load) hits both alike; the median of the repeats i
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
+from benchlib import device_name, sync
 from senet import build_model, complexity
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def step_time(model: torch.nn.Module, x: torch.Tensor, train: bool) -> float:
@@ -51,8 +46,7 @@ def main() -> None:
         "SE-ResNet-50": build_model(dict(arch="resnet50", se=dict(reduction=16))).to(device),
     }
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+    print(f"device {device} ({device_name(device)}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"batch {args.batch}, {args.size}x{args.size}, median of {args.repeats}")
     for mode in ("train", "eval"):
         times: dict[str, list[float]] = {k: [] for k in models}

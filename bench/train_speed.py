@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import fcntl
 import hashlib
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -51,7 +49,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-import se_overhead  # noqa: E402  (bench/se_overhead.py: sync, step_time)
+import benchlib  # noqa: E402  (bench/benchlib.py)
+import se_overhead  # noqa: E402  (bench/se_overhead.py: step_time)
 from ablations.config import ExperimentConfig, TrainConfig  # noqa: E402
 from ablations.data import CIFAR10_MEAN, CIFAR10_STD, Dataset, default_cache_dir, load_dataset  # noqa: E402
 from ablations.train import evaluate, lr_at, resolve_device, seed_everything  # noqa: E402
@@ -208,10 +207,6 @@ class HarnessObserver:
         self.window.synced()  # evaluate() has just read its counts with .item()
 
 
-def _sync(device: torch.device) -> None:
-    se_overhead.sync(device)
-
-
 def _free(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -232,13 +227,6 @@ def speed_train_config(timing: Timing, compile_: bool = False) -> TrainConfig:
 # --------------------------------------------------------------------------- (a) the plain loop
 
 
-def _extract_all(tar: tarfile.TarFile, dst: Path) -> None:
-    try:
-        tar.extractall(dst, filter="data")  # refuses absolute paths and links out of dst
-    except TypeError:  # Python without extraction filters
-        tar.extractall(dst)
-
-
 def extract_once(archive: Path, cache: Path) -> Path:
     """Unpack the CIFAR JPEG archive into the cache once (keyed by its path, size and mtime), as a
     user without the torchvision files would; returns the `cifar10-jpeg` tree. Never writes next to
@@ -256,7 +244,7 @@ def extract_once(archive: Path, cache: Path) -> Path:
             tmp = cache / f".{final.name}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             with tarfile.open(archive, "r:*") as tar:
-                _extract_all(tar, tmp)
+                benchlib.extract_all(tar, tmp)
             if not (tmp / "cifar10-jpeg" / "train").is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise FileNotFoundError(f"{archive}: no cifar10-jpeg/train/ inside")
@@ -359,10 +347,10 @@ def plain_speed(spec: ModelSpec, ds: torch.utils.data.Dataset, device: torch.dev
     loader = plain_loader(ds, timing.batch_size, workers, seed)
     times, counts = [], []
     for _ in range(timing.epochs):
-        _sync(device)
+        benchlib.sync(device)
         start = time.perf_counter()  # worker start-up included: it is part of every epoch here
         seen, _ = plain_epoch(model, loader, opt, device)
-        _sync(device)
+        benchlib.sync(device)
         times.append(time.perf_counter() - start)
         counts.append(seen)
     images, seconds = sum(counts[1:]), sum(times[1:])
@@ -655,24 +643,6 @@ def finite(obj: Any) -> Any:
     return obj
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    import torchvision
-
-    env: dict[str, Any] = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(device), "python": platform.python_version(), "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "cuda": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "host": platform.node(),
-    }
-    if device.type == "cuda":
-        env.update(device_name=torch.cuda.get_device_name(device), cudnn=torch.backends.cudnn.version(),
-                   cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
-                   cudnn_benchmark=torch.backends.cudnn.benchmark)
-    else:
-        env.update(device_name=platform.processor() or platform.machine(), loadavg_1_5_15=list(os.getloadavg()))
-    return env
-
-
 def print_model(label: str, gmacs: float, timing: Timing, row: dict[str, Any], peak_note: str) -> None:
     print(f"\n{label}  ({gmacs:.3f} GMAC/image forward, batch {timing.batch_size})")
     print(f"  {'path':8s} {'images/s':>10s} {'s/epoch (train)':>26s} {'timed':>18s} {'MFU':>8s}")
@@ -753,7 +723,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers = args.plain_workers if args.plain_workers is not None else (
         min(4, os.cpu_count() or 1) if args.quick and not cuda else 4)
     specs = [MODELS[k.strip()] for k in args.models.split(",") if k.strip()]
-    env = environment(device)
+    env = benchlib.environment(device)
     peak, peak_note = bf16_peak(device)
     print(f"device {device} ({env['device_name']}), torch {env['torch']}, CUDA {env['cuda']}, "
           f"threads {env['cpu_threads']}, {env['date']}"

@@ -14,7 +14,7 @@ import torch
 
 from ablations.train import TrainConfig
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import SHARED
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 IMAGENETTE = SHARED / "imagenette-224-mini.tar.gz"

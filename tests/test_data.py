@@ -18,9 +18,8 @@ import torch
 
 from ablations import augment, data
 from ablations.data import DataError, Dataset, DeviceSplit, Split, iterate_batches, load_dataset
+from conftest import CIFAR_TGZ, SHARED
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CIFAR_TGZ = SHARED / "cifar10-jpeg.tar.gz"
 IMAGENETTE_TGZ = SHARED / "imagenette-224-mini.tar.gz"
 OFFICIAL_CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
