@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", default="experiments.yaml", metavar="PATH", help="experiments file (default: %(default)s)")
     p.add_argument("--grid", action="append", default=[], metavar="NAME", help="grid to run; repeat for several")
-    p.add_argument("--preset", metavar="NAME", help="named override set from the file's presets, e.g. smoke")
+    p.add_argument("--preset", metavar="NAME",
+                   help="named override set from the file's presets, e.g. smoke; with --report/--analyze: "
+                        "use the runs made with that preset (they are always reported apart)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted key, typed by the schema (e.g. train.epochs=5); repeatable")
     p.add_argument("--seeds", metavar="LIST", help="comma-separated seeds, e.g. 0,1,2 (overrides the file)")
