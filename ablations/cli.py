@@ -17,9 +17,9 @@ import torch
 
 from ablations.config import Cell, ConfigError, ExperimentsFile, load_experiments, parse_seeds, resolve_cells
 from ablations.data import DataError
+from ablations.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from ablations.workers import add_parallel_options, wants_workers
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -510,7 +510,7 @@ def _failed_line(grid: str, cell: Cell, st: CellStatus) -> str:
 def _summary(queues: Sequence[GridQueue], retries: int | None, tracking_uri: str, stream: TextIO,
              already: Mapping[str, int] | None = None) -> int:
     """Print each grid's tally and every failed cell; the exit code."""
-    from ablations.cli import EXIT_FAILED, EXIT_OK
+    from ablations.exit_codes import EXIT_FAILED, EXIT_OK
 
     failed_lines, unsettled = [], 0
     for q in queues:
@@ -791,7 +791,7 @@ def _spawn(args: argparse.Namespace, slots: Sequence[str | None], tracking_uri: 
 
 def launch(args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]]) -> int:
     """`--workers N` (and/or --gpus, --storage): queue the grids, start N local workers, show progress."""
-    from ablations.cli import EXIT_BAD_INPUT
+    from ablations.exit_codes import EXIT_BAD_INPUT
     from ablations.runner import load_data
     from ablations.tracking import default_tracking_uri
 
