@@ -17,9 +17,8 @@ import torch
 
 from ablations.config import Cell, ConfigError, ExperimentsFile, load_experiments, parse_seeds, resolve_cells
 from ablations.data import DataError
-from ablations.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
-from ablations.workers import add_parallel_options, wants_workers
-
+from ablations.exit_codes import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK
+from ablations.worker_options import add_parallel_options, wants_workers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,14 +75,17 @@ def _dry_run(grids: list[tuple[str, list[Cell]]], as_json: bool) -> None:
     from ablations.runner import expected_image_size, expected_num_classes, with_num_classes
     from senet import build_model, complexity
 
-    rows = []
+    rows, measured = [], {}
     for grid, cells in grids:
         for cell in cells:
             ds = cell.config.dataset
             config = with_num_classes(cell.config, expected_num_classes(ds, cell.config.model.num_classes))
             size = expected_image_size(ds)
-            with torch.device("meta"):
-                c = complexity(build_model(config.model), size)
+            key = (config.model.model_dump_json(), size)  # the seeds of a variant share one model: build it once
+            if key not in measured:
+                with torch.device("meta"):
+                    measured[key] = complexity(build_model(config.model), size)
+            c = measured[key]
             rows.append(dict(grid=grid, variant=cell.variant, seed=cell.seed, cell_id=cell.cell_id, params=c.params,
                              caffe_params=c.caffe_params, gflops=round(c.gflops, 5), input_size=size,
                              config=config.model_dump(mode="json")))
@@ -154,44 +156,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.report or args.analyze:
             return _report_or_analyze(args, exps)
         if worker:
-            from ablations.workers import work
+            from ablations.worker import work
 
             return work(args, exps, grids)
+        from ablations.tracking import default_tracking_uri
+
         if wants_workers(args):
-            from ablations.tracking import default_tracking_uri
-            from ablations.workers import launch
+            from ablations.launcher import launch
 
             code = launch(args, exps, grids)
-            for name, _ in grids:
-                _report_quietly(args.tracking_uri or default_tracking_uri(), name, exps, args.results_dir, args.preset)
-            return code
-        from ablations.runner import run_grid
-        from ablations.tracking import default_tracking_uri
-        from ablations.train import resolve_device
+        else:
+            from ablations.worker import run_here
 
-        device = resolve_device(args.device)
-        tracking_uri = args.tracking_uri or default_tracking_uri()
-        outcomes = []
-        for name, cells in grids:
-            grid = exps.grids[name]
-            tags = {"paper_table": str(grid.paper_table)} if grid.paper_table else {}
-            outcomes.append(run_grid(name, cells, tracking_uri=tracking_uri, device=device,
-                                     description=grid.description, force=args.force, tags=tags))
-            _report_quietly(tracking_uri, name, exps, args.results_dir, args.preset)
+            code = run_here(args, exps, grids)  # this process is the grid's one worker
+        for name, _ in grids:
+            _report_quietly(args.tracking_uri or default_tracking_uri(), name, exps, args.results_dir, args.preset)
+        return code
     except (ConfigError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted: the running cell is marked KILLED and runs again next time", file=sys.stderr)
         return EXIT_INTERRUPTED
-
-    failed = [(o.grid, c, reason) for o in outcomes for c, reason in o.failed]
-    for o in outcomes:
-        print(f"grid {o.grid}: {len(o.finished)} finished, {len(o.skipped)} skipped (already done), "
-              f"{len(o.failed)} failed; tracking {tracking_uri}", file=sys.stderr)
-    for grid, cell, reason in failed:
-        print(f"FAILED {grid}/{cell.variant} seed={cell.seed} (cell_id {cell.cell_id}): {reason}", file=sys.stderr)
-    return EXIT_FAILED if failed else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
@@ -19,8 +20,10 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, NullLocator, PercentFormatter
 
-from ablations.analysis import SATURATION_LEVEL, BlockStats, ExcitationStats
 from ablations.plots import FORMATS, save_figure
+
+if TYPE_CHECKING:  # types only: analysis calls this module to draw, it must not import analysis back
+    from ablations.analysis import BlockStats, ExcitationStats
 
 MAX_CHANNELS = 64  # Fig. 6 shows a sample of channels; more than 64 lines' worth of x is unreadable
 MAX_CLASSES = 10  # more class curves than tab10 has colours cannot be told apart
@@ -184,8 +187,9 @@ def specificity_figure(table: pd.DataFrame, title: str) -> Figure:
     return fig
 
 
-def saturation_figure(table: pd.DataFrame, title: str, bound: float | None) -> Figure:
-    """Per block: the fraction of saturated excitations (top) and the mean excitation ± std (bottom)."""
+def saturation_figure(table: pd.DataFrame, title: str, bound: float | None, level: float) -> Figure:
+    """Per block: the fraction of saturated excitations (top) and the mean excitation ± std (bottom).
+    `level`: a value counts as saturated above level x bound (analysis.SATURATION_LEVEL)."""
     fig = Figure(figsize=(WIDTH * 0.75, 6.4), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True)
     x = table["depth"].to_numpy()
@@ -203,8 +207,8 @@ def saturation_figure(table: pd.DataFrame, title: str, bound: float | None) -> F
             top.bar_label(bars, labels=[f"{v:.1%}" for v in table["saturated_fraction"]], fontsize=7, padding=2)
         top.set_ylim(0, 1)
         top.yaxis.set_major_formatter(PercentFormatter(1.0))
-        top.set_ylabel(f"share of values > {SATURATION_LEVEL * bound:g}")
-        top.set_title(f"Saturated excitations: share of (image, channel) values above {SATURATION_LEVEL:g} × the "
+        top.set_ylabel(f"share of values > {level * bound:g}")
+        top.set_title(f"Saturated excitations: share of (image, channel) values above {level:g} × the "
                       f"{gate} gate's upper bound ({bound:g})", fontsize=10, loc="left")
     top.grid(axis="y", alpha=0.3, linewidth=0.5)
     _stage_legend(top, table, bars=True)
@@ -240,7 +244,8 @@ def save_all(stats: ExcitationStats, table: pd.DataFrame, directory: Path, title
         "class_means": class_means_figure(stats, title),
         "within_class": within_class_figure(stats, title),
         "specificity": specificity_figure(table, title),
-        "saturation": saturation_figure(table, title, stats.bound),
+        "saturation": saturation_figure(table, title, stats.bound,
+                                        stats.threshold / stats.bound if stats.bound else 1.0),
     }
     return [p for name, fig in figures.items() for p in save_figure(fig, directory / name)]
 

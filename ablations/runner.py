@@ -1,4 +1,4 @@
-"""Cells -> runs: train every cell of a grid that has no FINISHED run yet, and log it to MLflow."""
+"""One cell -> one MLflow run: train a claimed cell and log it (ablations/worker.py claims the cells)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from ablations.config import Cell, ConfigError, DatasetConfig, ExperimentConfig
 from ablations.data import Dataset, DataError, load_dataset
 from ablations.progress import GridProgress
-from ablations.tracking import CellRun, client_for, ensure_experiment, finished_cell_ids, reap_dead_runs
+from ablations.tracking import CellRun
 from ablations.train import CellFailed, EpochStats, seed_everything, train
 from senet import build_model, complexity, se_blocks
 
@@ -30,14 +30,6 @@ class CellResult:
     run_id: str
     reason: str = ""
     final: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class GridOutcome:
-    grid: str
-    finished: list[Cell] = field(default_factory=list)
-    skipped: list[Cell] = field(default_factory=list)
-    failed: list[tuple[Cell, str]] = field(default_factory=list)
 
 
 def with_num_classes(config: ExperimentConfig, num_classes: int) -> ExperimentConfig:
@@ -132,34 +124,6 @@ def run_cell(cell: Cell, config: ExperimentConfig, data: Dataset, run: CellRun, 
     run.log_metrics(final, step=config.train.epochs)
     run.log_state_dict(result.model.state_dict())
     return final
-
-
-def run_grid(grid: str, cells: Sequence[Cell], *, tracking_uri: str, device: torch.device, description: str = "",
-             force: bool = False, progress: GridProgress | None = None, cache_dir: str | Path | None = None,
-             tags: dict[str, str] | None = None) -> GridOutcome:
-    """Run every cell of one grid that is not FINISHED yet (all of them with `force`)."""
-    datasets = load_data(cells, cache_dir)  # fails on a missing dataset before anything is logged
-    client = client_for(tracking_uri)
-    experiment_id = ensure_experiment(client, tracking_uri, grid, description)
-    reap_dead_runs(client, experiment_id)
-    done = set() if force else finished_cell_ids(client, experiment_id)
-    progress = progress or GridProgress(grid, len(cells))
-    outcome = GridOutcome(grid)
-    try:
-        for cell in cells:
-            if cell.cell_id in done:
-                outcome.skipped.append(cell)
-                progress.skip(cell)
-                continue
-            result = execute_cell(cell, datasets[dataset_key(cell.config.dataset)], client, experiment_id, device,
-                                  progress, tags=tags)
-            if result.status == "FINISHED":
-                outcome.finished.append(cell)
-            else:
-                outcome.failed.append((cell, result.reason))
-    finally:
-        progress.close()
-    return outcome
 
 
 def execute_cell(cell: Cell, data: Dataset, client: MlflowClient, experiment_id: str, device: torch.device,

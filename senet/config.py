@@ -10,6 +10,8 @@ from typing import Any, Literal, Mapping, Union
 
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, field_validator
 
+from senet.archs import ARCHS
+
 Squeeze = Literal["avg", "max", "none"]
 Excitation = Literal["sigmoid", "tanh", "relu", "hardsigmoid"]
 Integration = Literal["standard", "pre", "post", "identity"]
@@ -57,8 +59,6 @@ class ModelConfig(_Strict):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        from senet.resnet import ARCHS  # late import: resnet imports this module
-
         if v not in ARCHS:
             raise ValueError(f"{v!r} is not one of {', '.join(ARCHS)}")
         return v

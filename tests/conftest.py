@@ -50,3 +50,36 @@ def _scratch_cwd(tmp_path_factory):
     os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
     os.chdir(old)
+
+
+# Tests wait for events (a process ends, a run appears), never for a wall-clock budget: on a loaded
+# 2-core machine the suite must be slow, not red. This limit only stops a hung process, and says so.
+SAFETY_TIMEOUT = 1800.0
+
+
+def wait_for_exit(proc, timeout: float = SAFETY_TIMEOUT) -> str:
+    """Wait for a subprocess started with stdout=PIPE (text) to end; its output."""
+    import subprocess
+
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"timeout: the process did not end within {timeout:.0f} s (a safety limit, "
+                             f"not a speed requirement); its output:\n{out}") from None
+    return out or ""
+
+
+def wait_until(condition, what: str, timeout: float = SAFETY_TIMEOUT, every: float = 0.2):
+    """Poll `condition()` until it returns something truthy; return it. Fails only after the safety limit."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        got = condition()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timeout: {what} did not happen within {timeout:.0f} s (a safety limit)")
+        time.sleep(every)

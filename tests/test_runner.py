@@ -14,6 +14,7 @@ import yaml
 from mlflow import MlflowClient
 
 from ablations.cli import main
+from conftest import SAFETY_TIMEOUT, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,9 +75,8 @@ def first_run(workdir, mini_cifar_root):
     """Run the two-axis grid once, killing it after its first cell, then finishing it."""
     cmd = [sys.executable, str(ROOT / "run_ablation.py"), *cli(workdir, mini_cifar_root, "--grid", "two_axes")]
     proc = subprocess.Popen(cmd, env=env_with_cache(workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while len(finished(workdir, "two_axes")) < 1 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.5)
+    # Wait for the event (a first cell FINISHED, or the process ending), however slow the machine is.
+    wait_until(lambda: finished(workdir, "two_axes") or proc.poll() is not None, "a first FINISHED cell", every=0.5)
     assert proc.poll() is None, "the grid ended before it could be killed:\n" + proc.stdout.read()
     survivors = {r.info.run_id for r in finished(workdir, "two_axes")}
     proc.send_signal(signal.SIGKILL)  # no chance to clean up: the running cell stays RUNNING
@@ -84,7 +84,7 @@ def first_run(workdir, mini_cifar_root):
     killed_log = proc.stdout.read()
     proc.stdout.close()
     assert 1 <= len(survivors) < 4
-    resumed = subprocess.run(cmd, env=env_with_cache(workdir), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(cmd, env=env_with_cache(workdir), capture_output=True, text=True, timeout=SAFETY_TIMEOUT)
     return survivors, killed_log, resumed
 
 
@@ -141,7 +141,7 @@ def test_rerun_skips_every_cell(workdir, mini_cifar_root, first_run, capsys):
     before = {r.info.run_id for r in runs(workdir, "two_axes")}
     assert main(cli(workdir, mini_cifar_root, "--grid", "two_axes")) == 0
     err = capsys.readouterr().err
-    assert "0 finished, 4 skipped" in err
+    assert "0 finished, 4 skipped (already done)" in err
     assert {r.info.run_id for r in runs(workdir, "two_axes")} == before
 
 

@@ -210,7 +210,7 @@ def project_imports() -> str:
     import ablations.report  # noqa: F401
     import ablations.runner  # noqa: F401
     import ablations.tracking  # noqa: F401
-    import ablations.workers  # noqa: F401
+    import ablations.worker  # noqa: F401
 
     return f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}"
 

@@ -1,0 +1,157 @@
+"""The launcher: `--workers N` (or --gpus) queues the grids, starts N worker processes on this
+machine (each pinned to its GPU), shows the grid's progress as they end cells, and sums up."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence, TextIO
+
+from optuna.trial import TrialState
+
+from ablations.cellqueue import CellStatus, GridQueue, count
+from ablations.config import Cell, ExperimentsFile
+from ablations.progress import fmt_duration
+from ablations.storage import default_storage, new_series
+from ablations.worker import sigterm_as_interrupt, open_grids
+from ablations.worker_options import check_args, gpus_for, worker_slots
+from ablations.worker_output import summary
+
+
+class GridMonitor:
+    """The launcher's view: cells done of total, and an ETA, each time a worker ends a cell."""
+
+    def __init__(self, queue: GridQueue, retries: int, stream: TextIO) -> None:
+        self.queue, self.retries, self.stream = queue, retries, stream
+        self.start = time.perf_counter()
+        self.seen = {t.number: t.state for t in queue.trials()}
+        self.done0 = count(queue.statuses(retries), "done", "failed")
+
+    def poll(self) -> None:
+        trials = self.queue.trials()
+        ended = [t for t in trials if t.state.is_finished() and self.seen.get(t.number) != t.state
+                 and t.state != TrialState.PRUNED]
+        self.seen = {t.number: t.state for t in trials}
+        if not ended:
+            return
+        statuses = self.queue.statuses(self.retries)
+        done, total, running = count(statuses, "done", "failed"), len(statuses), count(statuses, "running")
+        rate = (done - self.done0) / (time.perf_counter() - self.start)
+        eta = (total - done) / rate if rate > 0 else None
+        for t in ended:
+            what = "FINISHED" if t.state == TrialState.COMPLETE else "FAILED"
+            detail = (f"top-1 err {t.value:.2f}%" if t.state == TrialState.COMPLETE and t.value == t.value
+                      else t.user_attrs.get("failure_reason", "worker stopped (heartbeat lost)"))
+            if t.state == TrialState.FAIL and statuses.get(t.user_attrs.get("cell_id", ""), CellStatus("x")).state != "failed":
+                detail += "; queued again"
+            print(f"[{self.queue.grid}] {done}/{total} cells done, {running} running: {what} "
+                  f"{t.user_attrs.get('variant')} seed={t.user_attrs.get('seed')} on {t.user_attrs.get('worker', '?')} "
+                  f"- {detail}; ETA {fmt_duration(eta if done < total else 0.0)}", file=self.stream, flush=True)
+
+
+def _worker_argv(args: argparse.Namespace, tracking_uri: str, storage: str, worker_id: str, device: str,
+                 threads: int, series: str | None) -> list[str]:
+    argv = [sys.executable, "-m", "ablations.cli", "worker", "--launched", "--config", args.config,
+            "--tracking-uri", tracking_uri,
+            "--storage", storage, "--device", device, "--worker-id", worker_id, "--threads", str(threads),
+            "--heartbeat", str(args.heartbeat), "--grace", str(args.grace)]
+    for grid in dict.fromkeys(args.grid):
+        argv += ["--grid", grid]
+    for item in args.sets:
+        argv += ["--set", item]
+    for flag, value in (("--preset", args.preset), ("--seeds", args.seeds), ("--data-root", args.data_root),
+                        ("--retries", args.retries), ("--series", series)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _stop(procs: Sequence[subprocess.Popen], timeout: float = 60.0) -> None:
+    """Ask every worker to stop as on Ctrl-C (each marks its cell KILLED), then make sure they did."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()  # its trial is taken back after the grace period
+            p.wait()
+
+
+def _queue_grids(args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]],
+                 tracking_uri: str, storage: str, series: str | None) -> tuple[list[GridQueue], dict[str, int]]:
+    """Create each grid's MLflow experiment and queue before any worker starts; enqueue what is
+    missing, failed cells included (a new launch); return the queues and how many cells were done."""
+    _, runs = open_grids(args, exps, grids, tracking_uri, storage, series)
+    queues, already = [], {}
+    for r in runs:
+        statuses = r.queue.reconcile(r.queue.retries(args.retries), reset_failed=True)
+        already[r.queue.grid] = count(statuses, "done")
+        queues.append(r.queue)
+    return queues, already
+
+
+def _spawn(args: argparse.Namespace, slots: Sequence[str | None], tracking_uri: str, storage: str,
+           series: str | None, procs: list[subprocess.Popen]) -> str:
+    """Start one `worker` process per slot (appended to `procs` as they start); describe where they run."""
+    import ablations
+
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, len(slots)))  # don't oversubscribe the cores
+    src = str(Path(ablations.__file__).resolve().parents[1])
+    for i, gpu in enumerate(slots):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+               "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        device = args.device
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"], device = gpu, "cuda"  # the worker sees its one GPU as cuda:0
+        # Its own session: a terminal's Ctrl-C reaches the launcher only, which passes it on once.
+        procs.append(subprocess.Popen(_worker_argv(args, tracking_uri, storage, f"w{i}", device, threads, series),
+                                      env=env, start_new_session=True))
+    return ", ".join(f"w{i}: GPU {g}" for i, g in enumerate(slots) if g is not None) or f"CPU, {threads} threads each"
+
+
+def launch(args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]]) -> int:
+    """`--workers N` (and/or --gpus): queue the grids, start N local workers, show progress."""
+    from ablations.exit_codes import EXIT_BAD_INPUT
+    from ablations.runner import load_data
+    from ablations.tracking import default_tracking_uri
+
+    check_args(args)
+    gpus = gpus_for(args)
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    storage = args.storage or default_storage(tracking_uri)
+    load_data([c for _, cells in grids for c in cells])  # bad input ends here; workers then read the cache
+    series = new_series() if args.force else None  # --force: every cell again, in a study of its own
+    queues, already = _queue_grids(args, exps, grids, tracking_uri, storage, series)
+    todo = sum(len(q.cells) for q in queues) - sum(already.values())
+    slots = worker_slots(args.workers, gpus, args.workers_per_gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))[:todo]
+
+    procs: list[subprocess.Popen] = []
+    previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
+    try:
+        where = _spawn(args, slots, tracking_uri, storage, series, procs)
+        print(f"started {len(procs)} workers ({where}); queue {storage}", file=sys.stderr, flush=True)
+        monitors = [GridMonitor(q, q.retries(args.retries), sys.stderr) for q in queues]
+        while any(p.poll() is None for p in procs):
+            for m in monitors:
+                m.poll()
+            time.sleep(1.0)
+        for m in monitors:
+            m.poll()
+    except KeyboardInterrupt:
+        _stop(procs)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    codes = [p.returncode for p in procs]
+    if any(c not in (0, 1) for c in codes):
+        print(f"workers exited with codes {codes}", file=sys.stderr)
+    code = summary(queues, args.retries, tracking_uri, sys.stderr, already)
+    return EXIT_BAD_INPUT if codes and all(c == EXIT_BAD_INPUT for c in codes) else code

@@ -1,0 +1,284 @@
+"""The worker loop: claim a cell from the queue, run it, tell the queue, until the grids are done.
+
+    config -> cells -> (enqueued as WAITING trials) -> claimed by workers -> runs -> MLflow
+
+There is one way to run a cell. A plain `run_ablation.py --grid X` is this loop in its own
+process (one worker); `--workers N` starts N processes that each run it (ablations/launcher.py);
+`run_ablation.py worker` joins a grid from any machine. All of them claim cells from the same
+Optuna study, so a cell runs once however many processes work on a grid and however they were
+started. docs/distributed.md explains the design.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, TextIO
+
+from optuna.trial import FrozenTrial, TrialState
+
+from ablations.cellqueue import CellStatus, GridQueue, count, settled
+from ablations.config import Cell, ExperimentsFile
+from ablations.heartbeat import Heartbeat, reap_stale
+from ablations.storage import check_storage, default_storage, new_series, store_init_lock
+from ablations.worker_options import check_args
+from ablations.worker_output import Prefixed, WorkerProgress, summary
+
+Statuses = dict[str, CellStatus]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def drain_queues(queues: Sequence[GridQueue], run_one: Callable[[GridQueue, FrozenTrial], bool | None], *,
+                 retries: int | None, fresh_launch: bool, poll: float,
+                 say: Callable[[str], None] = lambda line: None,
+                 after_sync: Callable[[GridQueue, Statuses], None] | None = None) -> dict[str, Statuses]:
+    """Claim and run cells until every cell of `queues` is done or has failed for good.
+
+    The queue is reconciled (dead workers' cells taken back, missing cells enqueued) when this
+    process starts, when it finds nothing to claim, after a cell that asked for it (`run_one`
+    returned True: a failure may need a retry), and otherwise every grace period. In between, a
+    cell costs a claim and nothing that grows with the grid. `fresh_launch`: the first reconcile
+    gives failed cells a fresh series of attempts. Returns the first reconcile's statuses.
+    """
+    grace = max(q.grace for q in queues)
+    first: dict[str, Statuses] = {}
+    last_sync, failing_since = float("-inf"), None
+
+    def sync_all() -> bool:
+        """Reconcile every queue; whether all their cells are settled."""
+        nonlocal last_sync
+        done = True
+        for q in queues:
+            for t in reap_stale(q):
+                say(f"[{q.grid}] took back {t.user_attrs.get('variant')} seed={t.user_attrs.get('seed')} "
+                    f"(trial {t.number}) from {t.user_attrs.get('worker', '?')}: its worker stopped")
+            statuses = q.reconcile(q.retries(retries), reset_failed=fresh_launch and not first)
+            first.setdefault(q.grid, statuses)
+            if after_sync:
+                after_sync(q, statuses)
+            done = done and settled(statuses)
+        last_sync = time.monotonic()
+        return done
+
+    def claim() -> tuple[GridQueue, FrozenTrial] | None:
+        return next(((q, t) for q in queues if (t := q.claim()) is not None), None)
+
+    while True:
+        try:
+            if time.monotonic() - last_sync >= grace:
+                sync_all()
+            claimed = claim()
+            if claimed is None:  # nothing seen waiting: a reconcile says whether the grids are done
+                if sync_all():
+                    return first
+                claimed = claim()  # it may have enqueued a retry or a dead worker's cell
+            failing_since = None
+        except Exception as exc:  # storage or store unreachable for a moment: wait it out, up to the grace period
+            failing_since = failing_since or time.monotonic()
+            if time.monotonic() - failing_since > grace:
+                raise
+            say(f"storage error, retrying: {str(exc).splitlines()[0][:200]}")
+            time.sleep(poll)
+            continue
+        if claimed is None:  # others hold the rest: wait, in case one of them dies
+            time.sleep(poll)
+            continue
+        if run_one(*claimed):
+            last_sync = float("-inf")
+
+
+# ----------------------------------------------------------------------------- one process's grids
+
+
+@dataclass
+class GridRun:
+    """One grid as a process works on it: its queue, its MLflow experiment, its progress."""
+
+    queue: GridQueue
+    experiment_id: str
+    tags: dict[str, str]
+    progress: WorkerProgress | None = None
+    reaped: set[int] = field(default_factory=set)  # taken-back trials whose MLflow runs were cleaned up
+    announced: bool = False
+
+
+def open_grids(args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]],
+               tracking_uri: str, storage: str, series: str | None) -> tuple[object, list[GridRun]]:
+    """Each grid's MLflow experiment and queue (created once, under a lock: creating them races).
+
+    The storage is checked before the MLflow store is touched, so bad input writes nothing."""
+    from ablations.tracking import client_for, ensure_experiment, reap_dead_runs
+
+    check_storage(storage)
+    out = []
+    with store_init_lock(tracking_uri):  # the first process on a new store creates its tables (MlflowClient does)
+        client = client_for(tracking_uri)
+        experiments = {name: ensure_experiment(client, tracking_uri, name, exps.grids[name].description)
+                       for name, _ in grids}
+    for name, cells in grids:
+        grid, exp_id = exps.grids[name], experiments[name]
+        reap_dead_runs(client, exp_id)
+        queue = GridQueue(name, cells, storage, args.heartbeat, args.grace, grid.description, series=series)
+        if args.retries is not None:
+            queue.set_retries(args.retries)
+        out.append(GridRun(queue, exp_id, {"paper_table": str(grid.paper_table)} if grid.paper_table else {}))
+    return client, out
+
+
+def sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops a worker as cleanly as Ctrl-C
+
+
+class Worker:
+    """Claims cells from the queues of its grids until every cell is done or failed for good.
+
+    `prefix`: start every line with the worker's id (workers sharing a terminal); `live`: a live
+    progress display on a terminal (None: when the stream is one); `fresh_launch`: failed cells
+    get a fresh series of attempts, as when a grid is started again."""
+
+    def __init__(self, args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]],
+                 stream: TextIO | None = None, *, prefix: bool = True, live: bool | None = False,
+                 fresh_launch: bool = False) -> None:
+        from ablations.runner import load_data
+        from ablations.tracking import default_tracking_uri
+        from ablations.train import resolve_device
+
+        self.id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        stream = stream or sys.stderr
+        self.out: TextIO = Prefixed(stream, f"[{self.id}] ") if prefix else stream
+        self.device = resolve_device(args.device)
+        self.tracking_uri = args.tracking_uri or default_tracking_uri()
+        self.storage_url = args.storage or default_storage(self.tracking_uri)
+        self.retries_flag, self.poll = args.retries, min(args.heartbeat, 2.0)
+        self.launched, self.fresh_launch = args.launched, fresh_launch
+        self.series = args.series
+        self.datasets = load_data([c for _, cells in grids for c in cells])  # bad input before anything is claimed
+        self.client, self.grids = open_grids(args, exps, grids, self.tracking_uri, self.storage_url, self.series)
+        for g in self.grids:
+            g.progress = WorkerProgress(g.queue.grid, len(g.queue.cells), self.out, g.queue, live=live)
+        self._by_queue = {id(g.queue): g for g in self.grids}
+
+    def say(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+
+    def _after_sync(self, q: GridQueue, statuses: Statuses) -> None:
+        """Say where the grid stands when this process starts on it; clean up dead workers' runs."""
+        from ablations.tracking import kill_running
+
+        g = self._by_queue[id(q)]
+        if not g.announced:
+            g.announced = True
+            done, failed = count(statuses, "done"), count(statuses, "failed")
+            self.say(f"[{q.grid}] {len(statuses)} cells: {done} already done, {failed} failed for good, "
+                     f"{len(statuses) - done - failed} to run; queue {q.url} (study {q.name})")
+        # A trial taken back from a dead worker: its MLflow run must not stay RUNNING.
+        for t in q.snapshot:
+            if t.state == TrialState.FAIL and "failure_kind" not in t.user_attrs and t.number not in g.reaped:
+                g.reaped.add(t.number)
+                kill_running(self.client, g.experiment_id, {"optuna_study": q.name, "optuna_trial": str(t.number)},
+                             "worker died (heartbeat lost); the cell was queued again")
+
+    def run(self) -> int:
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
+            if self.launched:  # the launcher stops its workers with SIGINT, even if it was started with SIGINT ignored
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            first = drain_queues([g.queue for g in self.grids], self.run_trial, retries=self.retries_flag,
+                                 fresh_launch=self.fresh_launch, poll=self.poll, say=self.say,
+                                 after_sync=self._after_sync)
+        finally:
+            for g in self.grids:
+                if g.progress is not None:
+                    g.progress.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        already = {grid: count(st, "done") for grid, st in first.items()}
+        return summary([g.queue for g in self.grids], self.retries_flag, self.tracking_uri,
+                       io.StringIO() if self.launched else self.out, already)
+
+    def run_trial(self, q: GridQueue, trial: FrozenTrial) -> bool:
+        """Run one claimed trial's cell, unless it is a duplicate or already FINISHED in MLflow.
+        Returns True when the queue should be reconciled now (the cell failed: a retry may be due)."""
+        from ablations.runner import dataset_key, execute_cell
+        from ablations.tracking import finished_run_of
+
+        g, cell = self._by_queue[id(q)], q.cells[trial.user_attrs["cell_id"]]
+        progress = g.progress
+        assert progress is not None
+        # Who holds the trial, before its first beat: a process of this machine that dies is seen at once.
+        q.set_attrs(trial, {"worker": self.id, "host": socket.gethostname(), "pid": os.getpid()})
+        hb = Heartbeat(q, trial)
+        try:
+            if not q.locked and (dup := duplicate_in(q, trial)) is not None:
+                q.finish(trial, TrialState.PRUNED, attrs={"duplicate_of": dup.number})
+                return False
+            q.set_params(trial, cell)
+            done_run = None if self.series else finished_run_of(self.client, g.experiment_id, cell.cell_id)
+            if done_run is not None:  # e.g. by an older version, or by a worker that lost its claim at the very end
+                value = done_run.data.metrics.get("final_top1_err", float("nan"))
+                progress.skip(cell, "already FINISHED in MLflow")
+                q.finish(trial, TrialState.COMPLETE, value, {"mlflow_run_id": done_run.info.run_id, "reused": True})
+                return False
+            tags = {**g.tags, "optuna_study": q.name, "optuna_trial": str(trial.number), "worker": self.id}
+            result = execute_cell(cell, self.datasets[dataset_key(cell.config.dataset)], self.client, g.experiment_id,
+                                  self.device, progress, tags=tags, guard=hb.guard,
+                                  on_run=lambda run: hb.record(run.run_id))
+        except KeyboardInterrupt:
+            q.finish(trial, TrialState.FAIL, attrs={"failure_kind": "interrupted", "failure_reason": "interrupted (Ctrl-C)"})
+            raise
+        finally:
+            hb.stop()
+        if result.status == "FINISHED":
+            if not q.finish(trial, TrialState.COMPLETE, result.final["final_top1_err"]):
+                self.say(f"[{q.grid}] trial {trial.number} was taken back while it finished; "
+                         "its FINISHED run will be found by the next claim")
+            return False
+        if result.status == "FAILED":
+            q.finish(trial, TrialState.FAIL, attrs={"failure_kind": "failed", "failure_reason": result.reason[:2000]})
+        # KILLED: the claim was lost, the trial already FAILed by whoever took it back
+        return True
+
+
+def duplicate_in(q: GridQueue, trial: FrozenTrial) -> FrozenTrial | None:
+    """An older live trial of the same cell (a storage without an enqueue lock can enqueue a cell twice)."""
+    from ablations.cellqueue import duplicate_of
+
+    return duplicate_of(trial, q.same_cell(trial))
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def run_here(args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]]) -> int:
+    """A plain run: this process is the grid's one worker, with the console a serial run had
+    (no prefix, a live display on a terminal). Other runs of the grid may work beside it."""
+    import torch
+
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.force:
+        args.series = new_series()  # every cell again, in a study of its own
+    return Worker(args, exps, grids, prefix=False, live=None, fresh_launch=True).run()
+
+
+def work(args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]]) -> int:
+    """`run_ablation.py worker ...`: pull cells until the grids are done."""
+    import torch
+
+    check_args(args, worker=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return Worker(args, exps, grids).run()
+
