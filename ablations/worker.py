@@ -178,7 +178,8 @@ class Worker:
         if not g.announced:
             g.announced = True
             done, failed = count(statuses, "done"), count(statuses, "failed")
-            self.say(f"[{q.grid}] {len(statuses)} cells: {done} already done, {failed} failed for good, "
+            failed_txt = f", {failed} failed for good" if failed else ""
+            self.say(f"[{q.grid}] {len(statuses)} cells: {done} already done{failed_txt}, "
                      f"{len(statuses) - done - failed} to run; queue {q.url} (study {q.name})")
         # A trial taken back from a dead worker: its MLflow run must not stay RUNNING.
         for t in q.snapshot:
