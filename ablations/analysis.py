@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ablations.config import ExperimentConfig
 from ablations.data import Dataset, Split, iterate_batches, load_dataset
-from ablations.progress import fmt_duration
+from ablations.progress import eta, fmt_duration
 from ablations.tracking import runs_of
 from senet import build_model, se_blocks
 
@@ -267,15 +267,10 @@ def block_table(stats: ExcitationStats) -> pd.DataFrame:
 
 
 def _markdown(table: pd.DataFrame) -> str:
-    def cell(v: object) -> str:
-        if isinstance(v, (float, np.floating)):
-            return "n/a" if not np.isfinite(v) else f"{v:.3f}"
-        return str(v)
-
-    cols = [c for c in table.columns if c != "module"]
-    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table[cols].itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    """The block table as Markdown (pandas' to_markdown; NaN as n/a)."""
+    shown = table.drop(columns=["module"], errors="ignore").replace([np.inf, -np.inf], np.nan)
+    shown = shown.astype(object).where(shown.notna(), None)  # tabulate writes None as missingval
+    return shown.to_markdown(index=False, floatfmt=".3f", missingval="n/a") + "\n"
 
 
 def findings_paragraph(stats: pd.DataFrame) -> str:
@@ -478,8 +473,8 @@ def analyze_grid(tracking_uri: str, grid: str, *, results_dir: str | Path = "res
         out.append(analyze_run(tracking_uri, run.info.run_id, results_dir=results_dir, data_root=data_root,
                                device=device, max_images=max_images))
         elapsed = time.monotonic() - started
-        eta = elapsed / i * (len(runs) - i)  # mean time per run so far, times the runs left
+        left = eta(elapsed, i / len(runs))  # mean time per run so far, times the runs left
         print(f"role of SE [{i}/{len(runs)}] {grid} {tags.get('variant', '?')} seed={tags.get('seed', '?')} "
-              f"(run {run.info.run_id[:8]}) -> {out[-1]}; {fmt_duration(elapsed)} so far, ETA {fmt_duration(eta)}",
+              f"(run {run.info.run_id[:8]}) -> {out[-1]}; {fmt_duration(elapsed)} so far, ETA {fmt_duration(left)}",
               file=sys.stderr, flush=True)
     return out

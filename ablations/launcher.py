@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from ablations.cellqueue import CellStatus, GridQueue, count
 from ablations.config import Cell, ExperimentsFile
-from ablations.progress import fmt_duration
+from ablations.progress import eta, fmt_duration
 from ablations.storage import default_storage, new_series
 from ablations.worker import sigterm_as_interrupt, open_grids
 from ablations.worker_options import check_args, gpus_for, worker_slots
@@ -41,8 +41,7 @@ class GridMonitor:
             return
         statuses = self.queue.statuses(self.retries)
         done, total, running = count(statuses, "done", "failed"), len(statuses), count(statuses, "running")
-        rate = (done - self.done0) / (time.perf_counter() - self.start)
-        eta = (total - done) / rate if rate > 0 else None
+        left = eta(time.perf_counter() - self.start, (done - self.done0) / max(1, total - self.done0))
         for t in ended:
             what = "FINISHED" if t.state == TrialState.COMPLETE else "FAILED"
             detail = (f"top-1 err {t.value:.2f}%" if t.state == TrialState.COMPLETE and t.value == t.value
@@ -51,7 +50,7 @@ class GridMonitor:
                 detail += "; queued again"
             print(f"[{self.queue.grid}] {done}/{total} cells done, {running} running: {what} "
                   f"{t.user_attrs.get('variant')} seed={t.user_attrs.get('seed')} on {t.user_attrs.get('worker', '?')} "
-                  f"- {detail}; ETA {fmt_duration(eta if done < total else 0.0)}", file=self.stream, flush=True)
+                  f"- {detail}; ETA {fmt_duration(left if done < total else 0.0)}", file=self.stream, flush=True)
 
 
 def _worker_argv(args: argparse.Namespace, tracking_uri: str, storage: str, worker_id: str, device: str,

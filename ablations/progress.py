@@ -23,6 +23,15 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def eta(elapsed: float, fraction: float) -> float | None:
+    """Seconds left for work that took `elapsed` seconds to get `fraction` (0..1] done, at the same pace.
+
+    The one ETA rule of the harness: a cell's (by steps), a grid's (by cells), the launcher's."""
+    if fraction <= 0:
+        return None
+    return elapsed / fraction * (1 - min(fraction, 1.0))
+
+
 class GridProgress:
     def __init__(self, grid: str, total: int, stream: TextIO | None = None, live: bool | None = None,
                  step_interval: float = 15.0) -> None:
@@ -58,9 +67,9 @@ class GridProgress:
             return 0.0
         per_cell = sum(self.trained_seconds) / len(self.trained_seconds) if self.trained_seconds else None
         if self._cell_start is not None and self._fraction > 0:
-            estimate = (time.perf_counter() - self._cell_start) / self._fraction
-            per_cell = per_cell or estimate
-            current_left = estimate * (1 - self._fraction)
+            elapsed = time.perf_counter() - self._cell_start
+            current_left = eta(elapsed, self._fraction)
+            per_cell = per_cell or elapsed + current_left  # the running cell's own pace, until one has ended
             return current_left + per_cell * (left - 1)
         return per_cell * left if per_cell else None
 
@@ -109,7 +118,7 @@ class GridProgress:
     def on_step(self, epoch: int, step: int, steps: int, loss: float | None) -> None:
         self._fraction = (epoch - 1 + step / steps) / self.epochs
         now = time.perf_counter()
-        cell_eta = (now - self._cell_start) / self._fraction * (1 - self._fraction) if self._fraction else None
+        cell_eta = eta(now - self._cell_start, self._fraction)
         loss_txt = f" loss {loss:.3f}" if loss is not None else ""
         if self._bars is not None:
             self._bars.update(self._cell_task, completed=epoch - 1 + step / steps,
@@ -121,8 +130,7 @@ class GridProgress:
 
     def on_epoch(self, s: EpochStats) -> None:
         self._fraction = s.epoch / self.epochs
-        elapsed = time.perf_counter() - (self._cell_start or time.perf_counter())
-        cell_eta = elapsed / self._fraction * (1 - self._fraction)
+        cell_eta = eta(time.perf_counter() - (self._cell_start or time.perf_counter()), self._fraction)
         self._print(
             f"    epoch {s.epoch}/{self.epochs}  loss {s.train_loss:.3f}  train err {s.train_err:.1f}%  "
             f"test err top-1 {s.test_top1_err:.2f}% top-5 {s.test_top5_err:.2f}%  lr {s.lr:.3g}  "

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from ablations.train import resolve_device
 from benchlib import device_name, sync
 from senet import build_model, complexity
 
@@ -38,8 +39,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--size", type=int, default=224)
     args = ap.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     torch.manual_seed(0)
     models = {
         "ResNet-50": build_model(dict(arch="resnet50")).to(device),

@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -53,6 +51,7 @@ import benchlib  # noqa: E402  (bench/benchlib.py)
 import se_overhead  # noqa: E402  (bench/se_overhead.py: step_time)
 from ablations.config import ExperimentConfig, TrainConfig  # noqa: E402
 from ablations.data import CIFAR10_MEAN, CIFAR10_STD, Dataset, default_cache_dir, load_dataset  # noqa: E402
+from ablations.fsutil import build_once  # noqa: E402
 from ablations.train import evaluate, lr_at, resolve_device, seed_everything  # noqa: E402
 from ablations.train import train as harness_train  # noqa: E402
 from senet import build_model, complexity  # noqa: E402
@@ -237,19 +236,14 @@ def extract_once(archive: Path, cache: Path) -> Path:
     tree = final / "cifar10-jpeg"
     if (tree / "train").is_dir():
         return tree
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f".{final.name}.lock", "a+") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        if not (tree / "train").is_dir():
-            tmp = cache / f".{final.name}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            with tarfile.open(archive, "r:*") as tar:
-                benchlib.extract_all(tar, tmp)
-            if not (tmp / "cifar10-jpeg" / "train").is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise FileNotFoundError(f"{archive}: no cifar10-jpeg/train/ inside")
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(tmp, final)  # atomic: a half-extracted tree is never visible
+
+    def unpack(tmp: Path) -> None:
+        with tarfile.open(archive, "r:*") as tar:
+            benchlib.extract_all(tar, tmp)
+        if not (tmp / "cifar10-jpeg" / "train").is_dir():
+            raise FileNotFoundError(f"{archive}: no cifar10-jpeg/train/ inside")
+
+    build_once(final, lambda f: (f / "cifar10-jpeg" / "train").is_dir(), unpack)  # a half-extracted tree is never visible
     return tree
 
 

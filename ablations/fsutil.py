@@ -1,0 +1,50 @@
+"""Filesystem steps that several processes may take at once: build a folder once, publish it whole.
+
+A cache entry (decoded images, an unpacked archive) is built in a private temp folder beside its
+final place and renamed into place in one step, under a lock, so concurrent processes build it once
+and nobody ever sees it half written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from filelock import FileLock
+
+
+def lock_for(final: Path) -> FileLock:
+    """The lock that guards building `final` (a dot file beside it)."""
+    return FileLock(str(final.parent / f".{final.name}.lock"))
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Atomically move a fully written temp folder into place; if another process won, keep theirs."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not final.is_dir():
+            raise
+
+
+def build_once(final: Path, done: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
+    """Make sure the folder `final` exists and is `done`; if not, `build(tmp)` it (once among all
+    processes, under a lock) into a temp folder that is then published whole. Returns `final`."""
+    if done(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with lock_for(final):
+        if not done(final):  # another process may have finished meanwhile
+            tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                build(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of an older version
+            publish_dir(tmp, final)
+    return final
