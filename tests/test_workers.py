@@ -448,3 +448,9 @@ def test_bad_parallel_options_exit_2(workdir, capsys, extra, message):
     code = main(args_for(workdir, "--grid", "unit", *extra))
     err = capsys.readouterr().err
     assert code == 2 and message in err and "\n" not in err.strip()
+
+
+def test_force_is_for_the_run_that_starts_the_grid_not_a_worker(workdir, capsys):
+    code = main(["worker", *args_for(workdir, "--grid", "unit", "--force")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: --force: ") and "\n" not in err
