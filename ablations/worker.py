@@ -56,12 +56,12 @@ def drain_queues(queues: Sequence[GridQueue], run_one: Callable[[GridQueue, Froz
     def sync_all() -> bool:
         """Reconcile every queue; whether all their cells are settled."""
         nonlocal last_sync
-        done = True
+        done, reset = True, fresh_launch and not first  # only this process's first reconcile resets
         for q in queues:
             for t in reap_stale(q):
                 say(f"[{q.grid}] took back {t.user_attrs.get('variant')} seed={t.user_attrs.get('seed')} "
                     f"(trial {t.number}) from {t.user_attrs.get('worker', '?')}: its worker stopped")
-            statuses = q.reconcile(q.retries(retries), reset_failed=fresh_launch and not first)
+            statuses = q.reconcile(q.retries(retries), reset_failed=reset)
             first.setdefault(q.grid, statuses)
             if after_sync:
                 after_sync(q, statuses)
