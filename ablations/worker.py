@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ablations.cellqueue import CellStatus, GridQueue, count, settled
 from ablations.config import Cell, ExperimentsFile
 from ablations.heartbeat import Heartbeat, reap_stale
-from ablations.storage import check_storage, default_storage, new_series, store_init_lock
+from ablations.storage import check_storage, default_storage, is_rdb, new_series, open_storage, store_init_lock
 from ablations.worker_options import check_args
 from ablations.worker_output import Prefixed, WorkerProgress, summary
 
@@ -118,7 +118,10 @@ def open_grids(args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[
     The storage is checked before the MLflow store is touched, so bad input writes nothing."""
     from ablations.tracking import client_for, ensure_experiment, reap_dead_runs
 
-    check_storage(storage)
+    if is_rdb(storage):
+        open_storage(storage, args.heartbeat, args.grace)  # a database that cannot be reached is bad input, first
+    else:
+        check_storage(storage)
     out = []
     with store_init_lock(tracking_uri):  # the first process on a new store creates its tables (MlflowClient does)
         client = client_for(tracking_uri)
@@ -163,6 +166,7 @@ class Worker:
         self.series = args.series
         self.datasets = load_data([c for _, cells in grids for c in cells])  # bad input before anything is claimed
         self.client, self.grids = open_grids(args, exps, grids, self.tracking_uri, self.storage_url, self.series)
+        live = live if len(self.grids) == 1 else False  # a terminal holds one live display at a time
         for g in self.grids:
             g.progress = WorkerProgress(g.queue.grid, len(g.queue.cells), self.out, g.queue, live=live)
         self._by_queue = {id(g.queue): g for g in self.grids}
