@@ -471,6 +471,22 @@ def _check_sets_used(name: str, base: Sequence[_Layer], variant_layers: Sequence
             raise ConfigError(f"{layer.path}: no cell of grid {name} uses it: {_why_unused(replaced[0], name)}")
 
 
+# Keys that only one value of another key reads: set for no cell that has it, they change the cell_id only.
+_READ_ONLY_WITH = {"train.milestones": ("train.schedule", "multistep"), "train.gamma": ("train.schedule", "multistep")}
+
+
+def _check_sets_read(name: str, base: Sequence[_Layer], configs: Sequence[ExperimentConfig]) -> None:
+    for layer in base:
+        if not layer.path.startswith("--set ") or layer.key not in _READ_ONLY_WITH:
+            continue
+        other, value = _READ_ONLY_WITH[layer.key]
+        section, field = other.split(".")
+        seen = sorted({str(getattr(getattr(c, section), field)) for c in configs})
+        if value not in seen:
+            raise ConfigError(f"{layer.path}: no cell of grid {name} uses it: only {other} {value} reads "
+                              f"{layer.key}, and every cell has {other} {' or '.join(seen)}")
+
+
 def _expand(exps: ExperimentsFile, name: str, extra: Sequence[_Layer], seeds: Sequence[int]) -> list[Cell]:
     """Every variant x seed of one grid; extra = the preset and --set layers."""
     grid = exps.grids[name]
@@ -496,6 +512,7 @@ def _expand(exps: ExperimentsFile, name: str, extra: Sequence[_Layer], seeds: Se
         axes = {key: value for key, (_, value) in zip(grid.axes, combo)}
         cfg = _resolve([*base, *layers], seeds[0])  # first: a bad value's name could be a huge alias bomb
         variants.append((variant_name(axes), axes, cfg))
+    _check_sets_read(name, base, [cfg for _, _, cfg in variants])
 
     names: set[str] = set()
     by_id: dict[str, str] = {}  # config id -> variant name

@@ -284,6 +284,13 @@ def test_set_that_no_cell_uses(work, capsys):
                               "--set", "train.epochs=2", "--set", "train.epochs=3"], work)
     assert line == ("error: --set train.epochs=2: no cell of grid plain uses it: "
                     "the later --set train.epochs=3 replaces it")
+    # milestones are read by the multistep schedule only; every cell here is cosine
+    line = bad_input(capsys, ["--config", "plain.yaml", "--grid", "plain", "--dry-run",
+                              "--set", "train.milestones=[0.3, 0.6]"], work)
+    assert line == ("error: --set train.milestones=[0.3, 0.6]: no cell of grid plain uses it: only train.schedule "
+                    "multistep reads train.milestones, and every cell has train.schedule cosine")
+    cells = resolve_cells(exps, "plain", sets=["train.schedule=multistep", "train.milestones=[0.3, 0.6]"])
+    assert all(c.config.train.milestones == [0.3, 0.6] for c in cells)
 
 
 def test_option_a_block_does_not_take(work, capsys):
