@@ -152,7 +152,8 @@ presets:
 
 def test_resolution_order(tmp_path):
     exps = load_experiments(write(tmp_path, LAYERED))
-    (cell,) = resolve_cells(exps, "g", preset="p", sets=["train.gamma=0.2"])
+    # gamma is read by the multistep schedule only (a --set no cell reads is an error)
+    (cell,) = resolve_cells(exps, "g", preset="p", sets=["train.schedule=multistep", "train.gamma=0.2"])
     t = cell.config.train
     assert (t.lr, t.momentum, t.weight_decay, t.gamma, t.batch_size) == (0.1, 0.8, 3e-4, 0.2, 4)
     assert t.milestones == [0.5]  # lists replace
