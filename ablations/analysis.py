@@ -29,6 +29,8 @@ Definitions used in the figures, tables and `findings_paragraph`:
 from __future__ import annotations
 
 import math
+import os
+import pickle
 import re
 import sys
 import tempfile
@@ -43,6 +45,7 @@ from mlflow import MlflowClient
 from torch import Tensor, nn
 
 from ablations.config import ExperimentConfig
+from ablations.errors import BadInput, StoreError, WeightsError
 from ablations.data import Dataset, Split, iterate_batches, load_dataset
 from ablations.progress import eta, fmt_duration
 from ablations.tracking import runs_of
@@ -273,10 +276,13 @@ def _markdown(table: pd.DataFrame) -> str:
     return shown.to_markdown(index=False, floatfmt=".3f", missingval="n/a") + "\n"
 
 
-def findings_paragraph(stats: pd.DataFrame) -> str:
-    """The paper's Section 7 findings next to what `stats` (a `block_table`) shows; numbers only from it."""
+def findings_paragraph(stats: pd.DataFrame, preset_note: str | None = None) -> str:
+    """The paper's Section 7 findings next to what `stats` (a `block_table`) shows; numbers only from it.
+
+    With `preset_note` (a preset run, e.g. smoke: one epoch on a few hundred images) the note stands in
+    for the paper's findings: such a model is a pipeline check, not one to compare with the paper."""
     if stats.empty:
-        return "No SE block statistics to compare with the paper's Section 7."
+        return preset_note or "No SE block statistics to compare with the paper's Section 7."
     first, last = stats.iloc[0], stats.iloc[-1]
     n, k, gate = int(first["images"]), int(first["classes"]), str(first["gate"])
     paper = ("In the paper (SE-ResNet-50 on ImageNet, Section 7, Figs. 6 and 7) the excitations of early SE "
@@ -291,7 +297,7 @@ def findings_paragraph(stats: pd.DataFrame) -> str:
             f"for class-independent activations) is {first['class_specificity']:.3f} at {first['block']} and "
             f"{last['class_specificity']:.3f} at {last['block']}; its mean per stage is {stage_text}, so it "
             f"{trend}. The highest score is {top['class_specificity']:.3f} at {top['block']}.")
-    return f"{paper} {here} {_saturation_sentence(stats)}"
+    return f"{preset_note or paper} {here} {_saturation_sentence(stats)}"
 
 
 def _trend(values: np.ndarray) -> str:
@@ -345,18 +351,45 @@ def output_dir(results_dir: str | Path, dataset: str, grid: str, variant: str, s
 
 
 def _download(client: MlflowClient, run_id: str, path: str, dst: str) -> Path:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: a bar is noise
     try:
         return Path(client.download_artifacts(run_id, path, dst))
     except Exception as exc:  # MLflow raises different types per store; the caller needs one clear message
-        raise ValueError(f"run {run_id}: cannot read artifact {path!r}: {str(exc).splitlines()[0]}") from exc
+        raise StoreError(f"run {run_id}: cannot read artifact {path!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def load_weights(path: Path, what: str) -> dict[str, Tensor]:
+    """A plain state dict (names -> tensors) from `path`, loaded with weights_only=True and nothing else.
+
+    Anything more (a pickled object, code to run) is refused with WeightsError: such a file is never
+    loaded, and there is no switch that would load it.
+    """
+    refused = f"{what} is not a plain state dict of tensors and will not be loaded"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only met something other than tensors and containers
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        raise WeightsError(f"{refused} (it refers to {found[1]})" if found else refused) from None
+    except (RuntimeError, EOFError, OSError) as exc:  # truncated, or not a torch file at all
+        raise WeightsError(f"{what} cannot be read as torch weights: {str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise WeightsError(refused)
+    # a torch.compile'd model's state dict prefixes every key; the plain model has none
+    return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def _get_run(client: MlflowClient, run_id: str):
+    try:
+        return client.get_run(run_id)
+    except Exception as exc:  # MLflow's own error for an unknown id, per store kind
+        raise StoreError(f"--run-id {run_id}: no such run in the store ({str(exc).splitlines()[0][:120]})") from None
 
 
 def _load_run(client: MlflowClient, run_id: str) -> tuple[ExperimentConfig, dict[str, Tensor]]:
     with tempfile.TemporaryDirectory() as tmp:
         config = ExperimentConfig.model_validate_json(_download(client, run_id, "config.json", tmp).read_text())
-        state = torch.load(_download(client, run_id, "model/weights.pt", tmp), map_location="cpu", weights_only=True)
-    # a torch.compile'd model's state dict prefixes every key; the plain model has none
-    return config, {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+        state = load_weights(_download(client, run_id, "model/weights.pt", tmp), f"run {run_id}: model/weights.pt")
+    return config, state
 
 
 def _test_data(config: ExperimentConfig, data_root: str | None, cache_dir: str | Path | None) -> Dataset:
@@ -365,7 +398,7 @@ def _test_data(config: ExperimentConfig, data_root: str | None, cache_dir: str |
                         test_size=ds.test_size, subset_seed=ds.subset_seed, image_size=ds.image_size,
                         download=ds.download, cache_dir=cache_dir)
     if len(data.classes) != config.model.num_classes:
-        raise ValueError(f"dataset {ds.name} has {len(data.classes)} classes, the model {config.model.num_classes}")
+        raise BadInput(f"dataset {ds.name} has {len(data.classes)} classes, the model {config.model.num_classes}")
     return data
 
 
@@ -377,8 +410,21 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return resolve_device(device)
 
 
-def write_outputs(stats: ExcitationStats, directory: Path, title: str) -> list[Path]:
-    """Figures (PNG + PDF), the block table (CSV + Markdown), per-channel arrays and the findings."""
+def _preset_note(preset: str | None, config: ExperimentConfig) -> str | None:
+    """For a preset run: what it is (a pipeline check), so that nobody reads it against the paper."""
+    if not preset:
+        return None
+    images = config.dataset.train_size or "all"
+    epochs = config.train.epochs
+    return (f"This run was trained with the {preset} preset ({epochs} epoch{'' if epochs == 1 else 's'} on {images} "
+            "training images): a check that the pipeline runs end to end, not a trained model, so its statistics "
+            "are not compared with the paper's Section 7 findings.")
+
+
+def write_outputs(stats: ExcitationStats, directory: Path, title: str, preset_note: str | None = None) -> list[Path]:
+    """Figures (PNG + PDF), the block table (CSV + Markdown), per-channel arrays and the findings.
+
+    `preset_note` (a preset run) replaces the comparison with the paper in the findings."""
     from ablations import role_plots
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -387,7 +433,7 @@ def write_outputs(stats: ExcitationStats, directory: Path, title: str) -> list[P
     table.to_csv(directory / "block_stats.csv", index=False)
     (directory / "block_stats.md").write_text(_markdown(table), encoding="utf-8")
     np.savez_compressed(directory / "channel_stats.npz", **_stats_arrays(stats))
-    (directory / "findings.md").write_text(findings_paragraph(table) + "\n", encoding="utf-8")
+    (directory / "findings.md").write_text(findings_paragraph(table, preset_note) + "\n", encoding="utf-8")
     written += [directory / n for n in ("block_stats.csv", "block_stats.md", "channel_stats.npz", "findings.md")]
     return written
 
@@ -403,14 +449,18 @@ def analyze_run(tracking_uri: str, run_id: str, *, results_dir: str | Path = "re
     under `role_of_se/`.
     """
     client = MlflowClient(tracking_uri=tracking_uri)
-    run = client.get_run(run_id)
+    run = _get_run(client, run_id)
     config, state = _load_run(client, run_id)
     if config.model.se is None:
-        raise ValueError(f"run {run_id} is the plain backbone: it has no SE blocks to analyse")
+        raise BadInput(f"run {run_id} is the plain backbone: it has no SE blocks to analyse")
     device = _resolve_device(device)
     data = _test_data(config, data_root, cache_dir)
     model = build_model(config.model)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # missing or unexpected keys, wrong shapes
+        raise WeightsError(f"run {run_id}: model/weights.pt does not fit the run's model: "
+                           f"{' '.join(str(exc).split())[:300]}") from None
     split = balanced_subset(data.test, max_images)
     batch = config.train.eval_batch_size or config.train.batch_size
     stats = collect_excitations(model, split, data, device=device, batch_size=batch)
@@ -419,8 +469,10 @@ def analyze_run(tracking_uri: str, run_id: str, *, results_dir: str | Path = "re
     grid = tags.get("grid") or client.get_experiment(run.info.experiment_id).name
     variant, seed = tags.get("variant", run_id[:8]), tags.get("seed", str(config.seed))
     directory = output_dir(results_dir, tags.get("dataset", config.dataset.name), grid, variant, seed)
-    title = f"{grid} / {variant}, seed {seed}: {config.model.arch} on {config.dataset.name} test ({stats.images} images)"
-    write_outputs(stats, directory, title)
+    preset = tags.get("preset") or None
+    label = f"{grid} ({preset} preset)" if preset else grid
+    title = f"{label} / {variant}, seed {seed}: {config.model.arch} on {config.dataset.name} test ({stats.images} images)"
+    write_outputs(stats, directory, title, _preset_note(preset, config))
     client.log_artifacts(run_id, str(directory), artifact_path=_ARTIFACT_DIR)
     return directory
 
@@ -440,7 +492,7 @@ def se_runs(client: MlflowClient, grid: str, preset: str | None = None) -> list:
     one); the latest run per cell (re-runs replace)."""
     experiment = client.get_experiment_by_name(grid)
     if experiment is None:
-        raise ValueError(f"no MLflow experiment named {grid!r}: run the grid first")
+        raise StoreError(f"no MLflow experiment named {grid!r}: run the grid first")
     latest: dict[str, object] = {}
     for run in runs_of(client, experiment.experiment_id, "attributes.status = 'FINISHED'"):
         cell = run.data.tags.get("cell_id")
@@ -458,8 +510,11 @@ def analyze_grid(tracking_uri: str, grid: str, *, results_dir: str | Path = "res
                  run_id: str | None = None, preset: str | None = None) -> list[Path]:
     """`analyze_run` for every FINISHED SE run of `grid` trained with `preset` (or just `run_id`);
     one progress line per run on stderr."""
+    from ablations.report import check_output_dir
+
+    check_output_dir(results_dir)
     client = MlflowClient(tracking_uri=tracking_uri)
-    runs = [client.get_run(run_id)] if run_id else se_runs(client, grid, preset)
+    runs = [_get_run(client, run_id)] if run_id else se_runs(client, grid, preset)
     if not runs:
         which = f" with preset {preset}" if preset else " without a preset"
         print(f"role of SE: grid {grid} has no FINISHED run with SE blocks{which}", file=sys.stderr, flush=True)

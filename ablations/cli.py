@@ -17,6 +17,7 @@ import torch
 
 from ablations.config import Cell, ConfigError, ExperimentsFile, load_experiments, parse_seeds, resolve_cells
 from ablations.data import DataError
+from ablations.errors import BadInput
 from ablations.exit_codes import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK
 from ablations.worker_options import add_parallel_options, wants_workers
 
@@ -108,19 +109,23 @@ def _report_or_analyze(args: argparse.Namespace, exps: ExperimentsFile) -> int:
 
         if not args.grid:
             raise ConfigError("--analyze: name the grid with --grid")
+        analysed = []
         for name in args.grid:
             for path in analyze_grid(tracking_uri, name, results_dir=args.results_dir, data_root=args.data_root,
                                      device=args.device, run_id=args.run_id, preset=args.preset):
                 print(path)
-        if not args.report:
+                analysed.append(path)
+        if not args.report and analysed:  # nothing analysed: the results README stays as it is
             from ablations.report import write_index
 
             write_index(args.results_dir)  # the results README carries each analysis's findings
     if args.report:
         from ablations.report import report_all
 
-        print(report_all(tracking_uri, grids=args.grid or None, results_dir=args.results_dir, experiments=exps,
-                         preset=args.preset))
+        index = report_all(tracking_uri, grids=args.grid or None, results_dir=args.results_dir, experiments=exps,
+                           preset=args.preset)
+        if index is not None:  # None: no grid had runs to report, and nothing was written
+            print(index)
     return EXIT_OK
 
 
@@ -131,10 +136,21 @@ def _report_quietly(tracking_uri: str, grid: str, exps: ExperimentsFile, results
 
     try:
         path = write_report(tracking_uri, grid, results_dir=results_dir, experiments=exps, preset=preset)
-        write_index(results_dir)
-        print(f"report: {path}", file=sys.stderr)
+        if path is not None:  # None: no finished run to report (write_report said so)
+            write_index(results_dir)
+            print(f"report: {path}", file=sys.stderr)
     except Exception as exc:  # the runs are safe in the store; `--report` can retry
         print(f"warning: report for {grid} not written ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
+def _check_device(spec: str) -> None:
+    """A --device this machine does not have is bad input (resolve_device says why in a ValueError)."""
+    from ablations.train import resolve_device
+
+    try:
+        resolve_device(spec)
+    except (ValueError, RuntimeError) as exc:  # RuntimeError: torch.device() of an unknown name
+        raise ConfigError(f"--device {spec}: {str(exc).splitlines()[0].removeprefix(f'--device {spec}: ')}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,14 +169,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             _dry_run(grids, args.json)
             return EXIT_OK
+        from ablations.tracking import check_tracking_uri, default_tracking_uri
+
+        check_tracking_uri(args.tracking_uri or default_tracking_uri())  # before anything is written
+        if not args.report or args.analyze:
+            _check_device(args.device)
         if args.report or args.analyze:
             return _report_or_analyze(args, exps)
         if worker:
             from ablations.worker import work
 
             return work(args, exps, grids)
-        from ablations.tracking import default_tracking_uri
-
         if wants_workers(args):
             from ablations.launcher import launch
 
@@ -172,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, _ in grids:
             _report_quietly(args.tracking_uri or default_tracking_uri(), name, exps, args.results_dir, args.preset)
         return code
-    except (ConfigError, DataError, ValueError) as exc:
+    except (ConfigError, DataError, BadInput) as exc:  # only bad input; any other exception is a bug: traceback, 1
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

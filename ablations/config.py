@@ -30,10 +30,10 @@ from torch.overrides import TorchFunctionMode
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     NonNegativeInt,
-    PositiveFloat,
     PositiveInt,
     ValidationError,
     ValidationInfo,
@@ -41,7 +41,7 @@ from pydantic import (
 )
 
 from senet import build_model
-from senet.config import ModelConfig, format_validation_error
+from senet.config import ModelConfig, format_validation_error, short_repr
 
 SECTIONS = ("dataset", "model", "train")  # the keys overrides, axes and --set may touch
 
@@ -58,8 +58,25 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     # inf/nan would poison both training and the canonical JSON behind cell ids;
-    # validate_default so cross-field checks also see defaults (e.g. nesterov with momentum 0)
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, validate_default=True)
+    # validate_default so cross-field checks also see defaults (e.g. nesterov with momentum 0);
+    # strict: `epochs: true` or `epochs: "3"` is a mistake, not 1 or 3 (floats: see Float)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, validate_default=True,
+                              strict=True)
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _yaml_float(v: Any) -> Any:
+    # YAML 1.1 reads 1e-3 (no dot) as a string; a float field takes it, and ints, but never a bool
+    if isinstance(v, str) and _NUMBER.fullmatch(v.strip()):
+        return float(v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    return v
+
+
+Float = Annotated[float, BeforeValidator(_yaml_float)]
 
 
 def _unique(v: list[Any]) -> list[Any]:
@@ -76,7 +93,7 @@ def _increasing(v: list[float]) -> list[float]:
 
 # Non-negative because numpy's seeding rejects negative seeds.
 Seeds = Annotated[list[NonNegativeInt], Field(min_length=1), AfterValidator(_unique)]
-Fraction = Annotated[float, Field(gt=0, lt=1)]
+Fraction = Annotated[Float, Field(gt=0, lt=1)]
 Overrides = dict[str, Any]  # a partial section, validated once merged into a full config
 
 
@@ -97,15 +114,15 @@ class TrainConfig(_Strict):
 
     epochs: PositiveInt = 30
     batch_size: PositiveInt = 128
-    lr: PositiveFloat = 0.1  # peak learning rate
-    momentum: float = Field(0.9, ge=0, lt=1)
+    lr: Annotated[Float, Field(gt=0)] = 0.1  # peak learning rate
+    momentum: Float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    weight_decay: Float = Field(5e-4, ge=0)
+    label_smoothing: Float = Field(0.0, ge=0, lt=1)
     schedule: Literal["cosine", "onecycle", "multistep"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0)  # linear warmup; may be fractional
+    warmup_epochs: Float = Field(0.0, ge=0)  # linear warmup; may be fractional
     milestones: Annotated[list[Fraction], AfterValidator(_increasing)] = [0.5, 0.75]  # multistep: fractions of the run where lr *= gamma
-    gamma: float = Field(0.1, gt=0, le=1)
+    gamma: Float = Field(0.1, gt=0, le=1)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device supports it
     channels_last: Literal["auto"] | bool = "auto"
     compile: bool = False
@@ -381,7 +398,7 @@ def _check_axes(name: str, grid: GridConfig) -> None:
         for i, v in enumerate(values):
             j = next((j for j in range(i) if values[j] == v), None)
             if j is not None:
-                raise ConfigError(f"{path}[{i}]: {v!r}: duplicate value (same as [{j}])")
+                raise ConfigError(f"{path}[{i}]: {short_repr(v)}: duplicate value (same as [{j}])")
 
 
 def _check_seeds(seeds: Sequence[Any], where: str) -> list[int]:
@@ -389,7 +406,7 @@ def _check_seeds(seeds: Sequence[Any], where: str) -> list[int]:
         raise ConfigError(f"{where}: expected at least one seed, e.g. 0,1,2")
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, int):
-            raise ConfigError(f"{where}: {s!r} is not an integer")
+            raise ConfigError(f"{where}: {short_repr(s)} is not an integer")
         if s < 0:
             raise ConfigError(f"{where}: {s} is negative")
     dup = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
@@ -407,6 +424,69 @@ def _section_layer(path: str, section: BaseModel) -> _Layer:
     return _Layer(path, {k: getattr(section, k) for k in SECTIONS if getattr(section, k)})
 
 
+class _Probe:
+    """Stands in for a --set value, to see whether it reaches the config or a later layer replaces it."""
+
+    def __deepcopy__(self, memo: dict) -> "_Probe":
+        return self  # _merge deep-copies values; the probe must stay itself
+
+
+def _holds(data: Any, probe: _Probe) -> bool:
+    if data is probe:
+        return True
+    if isinstance(data, Mapping):
+        return any(_holds(v, probe) for v in data.values())
+    return isinstance(data, list) and any(_holds(v, probe) for v in data)
+
+
+def _replaced_by(layers: Sequence[_Layer], i: int) -> _Layer | None:
+    """The later layer that replaces the value layers[i] sets, or None when the value reaches the config."""
+    probe = _Probe()
+    data: dict[str, Any] = {}
+    for layer in layers[:i]:
+        data = _merge(data, layer.data)
+    data = _merge(data, _nest(layers[i].key or "", probe))
+    for layer in layers[i + 1:]:
+        data = _merge(data, layer.data)
+        if not _holds(data, probe):
+            return layer
+    return None
+
+
+def _why_unused(layer: _Layer, grid: str) -> str:
+    if layer.path.startswith("--set "):
+        return f"the later {layer.path} replaces it"
+    if layer.path.endswith(".baseline"):
+        return f"grid {grid} has only its baseline, which has no SE block"
+    return f"grid {grid} sweeps {layer.key}, so every variant sets its own value"
+
+
+def _check_sets_used(name: str, base: Sequence[_Layer], variant_layers: Sequence[Sequence[_Layer]]) -> None:
+    """A --set item that every variant overrides has no effect: say so rather than run without it."""
+    for i, layer in enumerate(base):
+        if not layer.path.startswith("--set "):
+            continue
+        replaced = [_replaced_by([*base, *more], i) for more in variant_layers]
+        if all(r is not None for r in replaced):
+            raise ConfigError(f"{layer.path}: no cell of grid {name} uses it: {_why_unused(replaced[0], name)}")
+
+
+# Keys that only one value of another key reads: set for no cell that has it, they change the cell_id only.
+_READ_ONLY_WITH = {"train.milestones": ("train.schedule", "multistep"), "train.gamma": ("train.schedule", "multistep")}
+
+
+def _check_sets_read(name: str, base: Sequence[_Layer], configs: Sequence[ExperimentConfig]) -> None:
+    for layer in base:
+        if not layer.path.startswith("--set ") or layer.key not in _READ_ONLY_WITH:
+            continue
+        other, value = _READ_ONLY_WITH[layer.key]
+        section, field = other.split(".")
+        seen = sorted({str(getattr(getattr(c, section), field)) for c in configs})
+        if value not in seen:
+            raise ConfigError(f"{layer.path}: no cell of grid {name} uses it: only {other} {value} reads "
+                              f"{layer.key}, and every cell has {other} {' or '.join(seen)}")
+
+
 def _expand(exps: ExperimentsFile, name: str, extra: Sequence[_Layer], seeds: Sequence[int]) -> list[Cell]:
     """Every variant x seed of one grid; extra = the preset and --set layers."""
     grid = exps.grids[name]
@@ -414,17 +494,25 @@ def _expand(exps: ExperimentsFile, name: str, extra: Sequence[_Layer], seeds: Se
     base = [_defaults_layer(exps), _section_layer(f"grids.{name}", grid), *extra]
 
     variants: list[tuple[str, dict[str, Any], ExperimentConfig]] = []
+    variant_layers: list[list[_Layer]] = []  # each variant's layers after `base`
     if grid.baseline:  # the plain backbone: same recipe, no SE blocks anywhere
         no_se = _Layer(f"grids.{name}.baseline", {"model": {"se": None}}, key="model.se")
-        variants.append(("baseline", {}, _resolve([*base, no_se], seeds[0])))
+        variant_layers.append([no_se])
     indexed = [list(enumerate(values)) for values in grid.axes.values()]
     for combo in itertools.product(*indexed):
-        axes = {key: value for key, (_, value) in zip(grid.axes, combo)}
         layers = [
             _Layer(f"grids.{name}.axes.{key}[{i}]", _nest(key, value), key=key, attach=True)
             for key, (i, value) in zip(grid.axes, combo)
         ]
-        variants.append((variant_name(axes), axes, _resolve([*base, *layers], seeds[0])))
+        variant_layers.append(layers)
+    _check_sets_used(name, base, variant_layers)
+    if grid.baseline:
+        variants.append(("baseline", {}, _resolve([*base, no_se], seeds[0])))
+    for combo, layers in zip(itertools.product(*indexed), variant_layers[1 if grid.baseline else 0:]):
+        axes = {key: value for key, (_, value) in zip(grid.axes, combo)}
+        cfg = _resolve([*base, *layers], seeds[0])  # first: a bad value's name could be a huge alias bomb
+        variants.append((variant_name(axes), axes, cfg))
+    _check_sets_read(name, base, [cfg for _, _, cfg in variants])
 
     names: set[str] = set()
     by_id: dict[str, str] = {}  # config id -> variant name
@@ -464,7 +552,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def _read_yaml(path: Path) -> Any:
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); "
+                          "save the file as UTF-8") from None
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as exc:

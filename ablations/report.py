@@ -16,6 +16,8 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from scipy import stats
 
 from ablations import paper
 from ablations.config import ExperimentsFile, GridConfig, load_experiments, variant_name
+from ablations.errors import OutputError
 from ablations.tracking import runs_of
 from senet.config import SEConfig
 
@@ -402,8 +405,13 @@ def _source_name(source: str) -> str:
     return f"{Path(where).name or where} ({kind})" if sep else source
 
 
+def preset_label(grid: str, preset: str | None) -> str:
+    """A grid's name as titles show it: preset runs (e.g. smoke) are pipeline checks, and say so."""
+    return f"{grid} ({preset} preset)" if preset else grid
+
+
 def title(layout: Layout | None, ctx: Context) -> str:
-    head = f"{ctx.grid} on {ctx.dataset}"
+    head = f"{preset_label(ctx.grid, ctx.preset)} on {ctx.dataset}"
     if layout is not None and layout.paper_number is not None:
         table = paper.paper_table(layout.paper_number)
         what = f", {table.title}" if table else ""
@@ -505,6 +513,7 @@ class GridReport:
     summary: pd.DataFrame
     markdown: str
     latex: str
+    preset: str | None = None  # the runs' --preset: figure titles carry it
 
     def csv(self) -> str:
         """One row per run, raw numbers (no timestamps, so it is byte-stable)."""
@@ -525,14 +534,15 @@ class GridReport:
         order = [layout.label(v) for v in layout.variants if v in set(self.runs["variant"])]
         plain = layout.label(paper.PLAIN) if paper.PLAIN in layout.variants else None
         header = layout.header
-        figs = {"errors": plots.errors_by_variant(self.runs, order, plain, self.grid, header)}
+        name = preset_label(self.grid, self.preset)
+        figs = {"errors": plots.errors_by_variant(self.runs, order, plain, name, header)}
         if layout.ratios:
             runs = self.runs.assign(r=self.runs["variant"].map(layout.ratios))
-            figs["error_vs_r"] = plots.error_vs_r(runs, plain, self.grid)
+            figs["error_vs_r"] = plots.error_vs_r(runs, plain, name)
         if history is not None and not history.empty:
-            figs["learning_curves"] = plots.learning_curves(history, order, plain, self.grid, header)
+            figs["learning_curves"] = plots.learning_curves(history, order, plain, name, header)
         figs["error_vs_cost"] = plots.error_vs_cost(self.summary.loc[self.summary["n"] > 0], order, plain,
-                                                    self.grid, header)
+                                                    name, header)
         return figs
 
 
@@ -576,7 +586,7 @@ def build_report(frame: pd.DataFrame, grid: str, dataset: str | None = None, *,
     if cells.empty:
         ctx = Context(grid, dataset, description, preset=preset, other_presets=others)
         return GridReport(grid, dataset, cells.assign(label=pd.Series(dtype=str)), None, pd.DataFrame(),
-                          empty_markdown(ctx), empty_latex(ctx))
+                          empty_markdown(ctx), empty_latex(ctx), preset)
     axis_keys = set(grid_config.axes) if grid_config else None
     chosen = select_setting(cells, axis_keys)
     runs = chosen.runs
@@ -592,7 +602,8 @@ def build_report(frame: pd.DataFrame, grid: str, dataset: str | None = None, *,
         train_size=str(train_size.iloc[0]) if len(train_size) else None,
         data_sources=tuple(sorted(set(runs["data_source"].dropna()))),
         left_out=chosen.left_out, differing=chosen.differing, preset=preset)
-    return GridReport(grid, dataset, runs, layout, summary, to_markdown(summary, layout, ctx), to_latex(summary, layout, ctx))
+    return GridReport(grid, dataset, runs, layout, summary, to_markdown(summary, layout, ctx), to_latex(summary, layout, ctx),
+                      preset)
 
 
 # ----------------------------------------------------------------------------- files and the report run
@@ -628,14 +639,41 @@ def _report_run(client: MlflowClient, experiment_id: str, grid: str) -> str:
     return client.create_run(experiment_id, tags={"report": "true", "grid": grid}, run_name="report").info.run_id
 
 
+def check_output_dir(results_dir: str | Path) -> None:
+    """Raise OutputError, in one line, when `results_dir` cannot be created or written; create nothing."""
+    folder = Path(results_dir)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise OutputError(f"--results-dir {results_dir}: {existing} is not a folder")
+    try:  # a real write, then gone: access() says yes to root even on a read-only file system
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise OutputError(f"--results-dir {results_dir}: cannot write in {existing}: {exc.strerror or exc}") from None
+
+
+def _nothing_to_report(grid: str, preset: str | None, others: Sequence[str]) -> str:
+    which = f"with preset {preset}" if preset else "without a preset"
+    text = f"report: grid {grid} has no finished runs {which}; nothing written"
+    named = [o for o in others if o]
+    if named:
+        text += f" (runs of preset {', '.join(named)} are in the store: add --preset {named[0]})"
+    elif others:
+        text += " (runs without a preset are in the store: leave out --preset)"
+    return text
+
+
 def write_report(tracking_uri: str, grid: str, results_dir: str | Path = "results",
-                 experiments: ExperimentsFile | str | Path | None = None, preset: str | None = None) -> Path:
+                 experiments: ExperimentsFile | str | Path | None = None, preset: str | None = None) -> Path | None:
     """Tables (md, tex, csv) and figures (png, pdf) of a grid into results/<dataset>/<grid>/.
 
     Reads only the MLflow store, and only the runs trained with `preset` (None: without one). One
     directory per dataset the grid was run on; returns the one of the latest run. The same files are
     logged as artifacts (under <dataset>/, or presets/<preset>/<dataset>/) of the experiment's single
     `report=true` run. Running it twice gives byte-identical files.
+
+    With no finished run (of `preset`) it writes nothing, neither files nor a report run, says so on
+    stderr and returns None: a check run never leaves placeholder tables beside the real results.
     """
     grid_config, exps = _grid_config(experiments, grid)
     default_dataset = "unknown"
@@ -647,24 +685,25 @@ def write_report(tracking_uri: str, grid: str, results_dir: str | Path = "result
     experiment = client.get_experiment_by_name(grid)
     frame = runs_frame(client, experiment.experiment_id) if experiment is not None else pd.DataFrame()
     description = (experiment.tags.get("mlflow.note.content", "") if experiment is not None else "")
-    mine, _ = preset_cells(frame, grid, preset)
-    datasets = list(dict.fromkeys(reversed(mine["dataset"].tolist()))) or [default_dataset]
+    mine, others = preset_cells(frame, grid, preset) if not frame.empty else (frame, ())
+    if mine.empty:
+        print(_nothing_to_report(grid, preset, others), file=sys.stderr, flush=True)
+        return None
+    check_output_dir(results_dir)
+    datasets = list(dict.fromkeys(reversed(mine["dataset"].tolist())))
 
     first: Path | None = None
-    run_id = _report_run(client, experiment.experiment_id, grid) if experiment is not None else None
+    run_id = _report_run(client, experiment.experiment_id, grid)
     for dataset in datasets:
         report = build_report(frame, grid, dataset, grid_config=grid_config, description=description,
                               default_dataset=default_dataset, default_arch=default_arch, preset=preset)
         history = metric_histories(client, report.runs) if not report.runs.empty else None
         directory = Path(results_dir) / _safe(dataset) / _safe(grid)
         save_report(report, directory, history)
-        if run_id is not None:
-            where = _safe(dataset) if preset is None else f"presets/{_safe(preset)}/{_safe(dataset)}"
-            client.log_artifacts(run_id, str(directory), artifact_path=where)
+        where = _safe(dataset) if preset is None else f"presets/{_safe(preset)}/{_safe(dataset)}"
+        client.log_artifacts(run_id, str(directory), artifact_path=where)
         first = first or directory
-    if run_id is not None:
-        client.set_terminated(run_id, "FINISHED")
-    assert first is not None
+    client.set_terminated(run_id, "FINISHED")
     return first
 
 
@@ -717,21 +756,24 @@ def _figure_rank(stem: str) -> tuple[int, str]:
 
 
 def report_all(tracking_uri: str, grids: Iterable[str] | None = None, results_dir: str | Path = "results",
-               experiments: ExperimentsFile | str | Path | None = None, preset: str | None = None) -> Path:
+               experiments: ExperimentsFile | str | Path | None = None, preset: str | None = None) -> Path | None:
     """write_report for each grid (None: every experiment in the store), then write_index.
 
-    This is what `run_ablation.py --report` does.
+    This is what `run_ablation.py --report` does. When no grid has a finished run (of `preset`) it
+    writes nothing, not even the index, and returns None: the committed results stay as they are.
     """
+    check_output_dir(results_dir)  # before any report run is logged
     if grids is None:
         client = MlflowClient(tracking_uri=tracking_uri)
         grids = sorted(e.name for e in client.search_experiments() if e.name != "Default")
-    for grid in grids:
-        write_report(tracking_uri, grid, results_dir, experiments, preset)
+    written = [write_report(tracking_uri, grid, results_dir, experiments, preset) for grid in grids]
+    if not any(written):
+        return None
     return write_index(results_dir)
 
 
 __all__ = [
     "Context", "GridReport", "Layout", "Selection", "backbone_name", "build_report", "cell_runs",
-    "default_variant", "expected_variants", "make_layout", "metric_histories", "preset_cells", "report_all", "runs_frame",
+    "check_output_dir", "default_variant", "expected_variants", "make_layout", "metric_histories", "preset_cells", "report_all", "runs_frame",
     "save_report", "select_setting", "summarize", "to_latex", "to_markdown", "write_index", "write_report",
 ]

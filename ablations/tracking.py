@@ -12,6 +12,7 @@ import json
 import os
 import random
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -23,6 +24,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 
 from ablations.config import Cell, ExperimentConfig
+from ablations.errors import StoreError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = {"FINISHED", "FAILED", "KILLED"}
@@ -39,6 +41,85 @@ def _artifact_location(tracking_uri: str, name: str) -> str | None:
         db = Path(tracking_uri.removeprefix("sqlite:///"))
         return (db.parent / "mlartifacts" / name).resolve().as_uri()
     return None
+
+
+# Schemes MLflow opens as a tracking store ('' is a local folder, the file store).
+_SCHEMES = {"", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks"}
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _writable_folder(folder: Path) -> str | None:
+    """Why a file cannot be created in `folder` (None: it can)."""
+    if not folder.exists():
+        above = next((p for p in folder.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            return f"{above} is not a folder"
+        return f"folder {folder} does not exist"
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"folder {folder} is not writable"
+    return None
+
+
+def check_tracking_uri(tracking_uri: str) -> None:
+    """Raise StoreError, in one line, when a tracking URI cannot be opened; create nothing.
+
+    Checked before anything is trained, logged or written, so a typo leaves no trace.
+    """
+    scheme = tracking_uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in tracking_uri else ""
+    if scheme == "" and tracking_uri.startswith("file:"):
+        scheme = "file"
+    if scheme not in _SCHEMES:
+        raise StoreError(f"--tracking-uri {tracking_uri}: unknown scheme {scheme!r} (use sqlite:///PATH, "
+                         "postgresql://..., mysql://..., http(s)://... or a folder)")
+    if scheme == "sqlite":
+        path = tracking_uri.split("://", 1)[1]
+        if path in ("", "/", "/:memory:"):
+            return  # an in-memory database
+        db = Path(path.removeprefix("/"))  # sqlite:///rel.db -> rel.db; sqlite:////abs.db -> /abs.db
+        if db.is_dir():
+            raise StoreError(f"--tracking-uri {tracking_uri}: {db} is a folder, not a database file")
+        if not db.exists():
+            problem = _writable_folder(db.parent if str(db.parent) else Path("."))
+            if problem:
+                raise StoreError(f"--tracking-uri {tracking_uri}: cannot create the database: {problem}")
+            return
+        _check_sqlite_store(tracking_uri, db)
+    elif scheme in ("", "file"):
+        folder = Path(tracking_uri.removeprefix("file://").removeprefix("file:"))
+        if folder.exists() and not folder.is_dir():
+            raise StoreError(f"--tracking-uri {tracking_uri}: {folder} is not a folder")
+        if not folder.exists():
+            problem = _writable_folder(folder.parent)
+            if problem:
+                raise StoreError(f"--tracking-uri {tracking_uri}: cannot create the store: {problem}")
+
+
+def _check_sqlite_store(tracking_uri: str, db: Path) -> None:
+    """An existing SQLite file: it must be a database (an empty file is one), writable, and MLflow's."""
+    if not os.access(db, os.R_OK | os.W_OK):
+        raise StoreError(f"--tracking-uri {tracking_uri}: {db} is not readable and writable")
+    try:
+        with open(db, "rb") as fh:
+            head = fh.read(len(_SQLITE_MAGIC))
+    except OSError as exc:
+        raise StoreError(f"--tracking-uri {tracking_uri}: cannot read {db}: {exc.strerror or exc}") from None
+    if head and head != _SQLITE_MAGIC:
+        raise StoreError(f"--tracking-uri {tracking_uri}: {db} is not an SQLite database")
+    if not head:
+        return  # SQLite takes an empty file as a new database
+    try:  # read-only: checking must not change the file
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"--tracking-uri {tracking_uri}: {db} is not a usable SQLite database ({exc})") from None
+    if tables and "experiments" not in tables:
+        raise StoreError(f"--tracking-uri {tracking_uri}: {db} is an SQLite database but not an MLflow store "
+                         f"(no experiments table; it has {', '.join(sorted(tables)[:3])})")
 
 
 T = TypeVar("T")

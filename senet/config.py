@@ -6,6 +6,7 @@ schema, so a key is spelled, typed and checked in exactly one place.
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any, Literal, Mapping, Union
 
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, field_validator
@@ -20,7 +21,8 @@ StrideIn = Literal["1x1", "3x3"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `reduction: true` or `reduction: "16"` is a mistake, not 1 or 16
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class SEConfig(_Strict):
@@ -75,14 +77,29 @@ def format_loc(loc: tuple[Any, ...], prefix: str = "") -> str:
     return path
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 1, 40, 40
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+
+
+def short_repr(value: Any) -> str:
+    """A bounded repr: a value built from YAML aliases can hold billions of elements."""
+    return _SHORT.repr(value)
+
+
 def _describe(err: Mapping[str, Any]) -> str:
     msg = str(err["msg"])
     # pydantic wraps our own ValueErrors as "Value error, ..."; the prefix is noise.
     msg = msg.removeprefix("Value error, ")
     if err["type"] in ("extra_forbidden",):
         return "unknown key"
+    value = err.get("input")
+    if err["type"] in ("int_type", "float_type") and isinstance(value, bool):  # strict: YAML's true is no number
+        return f"{str(value).lower()}: a boolean, not a number"
+    if err["type"] == "int_type" and isinstance(value, str):
+        return f"{value!r}: a string, not an integer (write the number without quotes)"
     if err["type"] not in ("missing",) and "input" in err:
-        return f"{err['input']!r}: {msg}"
+        return f"{short_repr(err['input'])}: {msg}"
     return msg
 
 
@@ -117,4 +134,5 @@ __all__ = [
     "parse_model_config",
     "format_validation_error",
     "format_loc",
+    "short_repr",
 ]

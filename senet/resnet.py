@@ -13,16 +13,16 @@ first residual stage is stage 2; blocks count from 1 within a stage):
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from senet.archs import ARCHS, Arch, BlockKind
+from senet.archs import ARCHS, Arch
 from senet.config import ModelConfig, SEConfig, parse_model_config
 from senet.se import SqueezeExcitation
+
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, k, stride, padding=k // 2, groups=groups, bias=False)
@@ -87,7 +87,7 @@ class ResidualUnit(nn.Module):
 
 
 class BasicBlock(ResidualUnit):
-    def __init__(self, cin: int, cout: int, stride: int, shortcut: str, **_: Any) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, shortcut: str = "projection") -> None:
         super().__init__()
         self.conv1, self.bn1 = _conv(cin, cout, 3, stride), nn.BatchNorm2d(cout)
         self.conv2, self.bn2 = _conv(cout, cout, 3), nn.BatchNorm2d(cout)
@@ -106,7 +106,7 @@ class BasicBlock(ResidualUnit):
 
 
 class Bottleneck(ResidualUnit):
-    def __init__(self, cin: int, cout: int, stride: int, mid: int, groups: int = 1, stride_in: str = "1x1", **_: Any) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, mid: int, groups: int = 1, stride_in: str = "1x1") -> None:
         super().__init__()
         s1, s3 = (stride, 1) if stride_in == "1x1" else (1, stride)
         self.conv1, self.bn1 = _conv(cin, mid, 1, s1), nn.BatchNorm2d(mid)
@@ -127,7 +127,7 @@ class PreActBottleneck(ResidualUnit):
 
     final_relu = False
 
-    def __init__(self, cin: int, cout: int, stride: int, mid: int, stride_in: str = "1x1", **_: Any) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, mid: int, stride_in: str = "1x1") -> None:
         super().__init__()
         s1, s3 = (stride, 1) if stride_in == "1x1" else (1, stride)
         self.bn1, self.conv1 = nn.BatchNorm2d(cin), _conv(cin, mid, 1, s1)
@@ -152,6 +152,27 @@ _BLOCKS: dict[str, type[ResidualUnit]] = {
     "bottleneck": Bottleneck,
     "preact_bottleneck": PreActBottleneck,
 }
+# The options each block kind takes, besides (cin, cout, stride). A block takes the options it uses and
+# no others: an option it would ignore changes the config (and cell_id) but not the model.
+_BLOCK_OPTIONS: dict[str, tuple[str, ...]] = {
+    "basic": ("shortcut",),
+    "bottleneck": ("mid", "groups", "stride_in"),
+    "preact_bottleneck": ("mid", "stride_in"),
+}
+
+
+def _block_options(name: str, arch: Arch, stride_in: str | None, mid: int | None) -> dict[str, Any]:
+    """The keyword options of `name`'s blocks; an option its block kind does not take is an error."""
+    takes = _BLOCK_OPTIONS[arch.block]
+    if stride_in is not None and "stride_in" not in takes:
+        raise ValueError(f"model.stride_in: {name} has {arch.block} blocks, which have no 1x1 conv to "
+                         "put the stride in; leave stride_in out")
+    given = {"mid": mid, "groups": arch.groups, "shortcut": arch.shortcut, "stride_in": stride_in or arch.stride_in}
+    defaults = {"mid": None, "groups": 1, "shortcut": "projection", "stride_in": "1x1"}
+    unused = [k for k in given if k not in takes and given[k] != defaults[k]]
+    if unused:  # an Arch entry that sets what its block ignores (e.g. groups on pre-activation bottlenecks)
+        raise ValueError(f"model.arch: {name} sets {', '.join(unused)}, which {arch.block} blocks do not take")
+    return {k: given[k] for k in takes}
 
 
 def _se_where(name: str, arch: Arch, se: SEConfig) -> str:
@@ -197,10 +218,7 @@ class ResNet(nn.Module):
             blocks = OrderedDict()
             for b in range(depth):
                 stride = 2 if b == 0 and stage != arch.stages[0] else 1
-                block = block_cls(
-                    cin, cout, stride, mid=mid, groups=arch.groups, shortcut=arch.shortcut,
-                    stride_in=stride_in or arch.stride_in,
-                )
+                block = block_cls(cin, cout, stride, **_block_options(name, arch, stride_in, mid))
                 if stage in se_stages:
                     channels = block.se_channels[where]
                     if channels // se.reduction < 1:

@@ -19,6 +19,7 @@ from ablations.analysis import (
 )
 from ablations.cli import main
 from ablations.config import ExperimentConfig
+from ablations.errors import BadInput, StoreError
 from ablations.data import Split, iterate_batches, load_dataset
 from senet import build_model
 
@@ -170,13 +171,13 @@ def test_single_run_and_refusals(trained, mini_cifar_root):
     baseline = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("variant") == "baseline")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SENET_ABLATIONS_CACHE", str(work / "cache"))
-        with pytest.raises(ValueError, match="no SE blocks"):
+        with pytest.raises(BadInput, match="no SE blocks"):  # bad input: one line, exit 2 at the CLI
             analyze_run(uri, baseline.info.run_id, results_dir=work / "other", data_root=str(mini_cifar_root))
         out = analyze_grid(uri, GRID, results_dir=work / "few", data_root=str(mini_cifar_root), max_images=20,
                            run_id=run.info.run_id)
     table = pd.read_csv(out[0] / "block_stats.csv")
     assert (table["images"] == 20).all() and len(table) == 9
-    with pytest.raises(ValueError, match="no MLflow experiment"):
+    with pytest.raises(StoreError, match="no MLflow experiment"):
         analyze_grid(uri, "no_such_grid")
 
 

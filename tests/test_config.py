@@ -152,7 +152,8 @@ presets:
 
 def test_resolution_order(tmp_path):
     exps = load_experiments(write(tmp_path, LAYERED))
-    (cell,) = resolve_cells(exps, "g", preset="p", sets=["train.gamma=0.2", "train.batch_size=8"])
+    # gamma is read by the multistep schedule only (a --set no cell reads is an error)
+    (cell,) = resolve_cells(exps, "g", preset="p", sets=["train.schedule=multistep", "train.gamma=0.2"])
     t = cell.config.train
     assert (t.lr, t.momentum, t.weight_decay, t.gamma, t.batch_size) == (0.1, 0.8, 3e-4, 0.2, 4)
     assert t.milestones == [0.5]  # lists replace
@@ -162,6 +163,9 @@ def test_resolution_order(tmp_path):
     # --set beats the preset, which beats the grid
     assert resolve_cells(exps, "g", sets=["train.weight_decay=0"])[0].config.train.weight_decay == 0
     assert resolve_cells(exps, "g", sets=["model.se=null"])[0].config.model.se is None
+    # the axis has the last word: a --set of the swept key would have no effect, so it is an error
+    with pytest.raises(ConfigError, match=r"^--set train.batch_size=8: no cell of grid g uses it: .*sweeps"):
+        resolve_cells(exps, "g", sets=["train.batch_size=8"])
 
 
 def test_seed_precedence(tmp_path):
@@ -208,7 +212,9 @@ MALFORMED = {
     "non-list axis value": (AXES + "      model.se.reduction: 8\n", "grids.x.axes.model.se.reduction: 8: Input should be a valid list"),
     "duplicate axis value": (AXES + "      model.se.reduction: [2, 4, 2]\n", "grids.x.axes.model.se.reduction[2]: 2: duplicate value"),
     "unknown axis key": (AXES + "      model.se.reductio: [2]\n", "grids.x.axes.model.se.reductio: unknown key"),
-    "colliding variant names": (AXES + "      model.se.reduction: [2, '2']\n", "grids.x.axes: two variants are named 'r=2'"),
+    # a float field takes YAML 1.1's string form of a number (1e-3 has no dot), so 0.1 and '0.1' collide
+    "colliding variant names": (AXES + "      train.lr: [0.1, '0.1']\n", "grids.x.axes: two variants are named 'lr=0.1'"),
+    "quoted int (strict)": (AXES + "      model.se.reduction: [2, '4']\n", "grids.x.axes.model.se.reduction[1]: '4': a string, not an integer"),
     "bad YAML": (AXES + "      model.se.reduction: [2, 4\n  y: 1\n", "{file}:9: invalid YAML:"),
     "duplicate YAML key": (AXES + "      model.se.reduction: [2]\n  x: {description: e, axes: {model.se.reduction: [4]}}\n", "{file}:9: invalid YAML: duplicate key 'x'"),
     "warmup >= epochs": (HEAD.replace("warmup_epochs: 0", "warmup_epochs: 2") + "    axes: {model.se.reduction: [2]}\n", "defaults.train.warmup_epochs: 2: must be less than epochs (2)"),

@@ -23,7 +23,7 @@ from PIL import Image
 
 from ablations import paper, report
 from ablations.config import load_experiments, resolve_cells
-from ablations.tracking import CellRun, ensure_experiment
+from ablations.tracking import CellRun, ensure_experiment, runs_of
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
@@ -146,7 +146,14 @@ def table_rows(md: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines]
 
 
+SYNTHETIC = ("SYNTHETIC NUMBERS, NOT RESULTS: hand-chosen errors from tests/test_report.py, logged to a test "
+             "store and reported; regenerate with UPDATE_GOLDEN=1 python -m pytest tests/test_report.py")
+
+
 def golden(name: str, text: str) -> None:
+    """Compare with tests/golden/<name>, whose first line says that its numbers are synthetic."""
+    header = f"% {SYNTHETIC}\n" if name.endswith(".tex") else f"<!-- {SYNTHETIC} -->\n\n"
+    text = header + text
     path = GOLDEN / name
     if os.environ.get("UPDATE_GOLDEN"):
         path.parent.mkdir(exist_ok=True)
@@ -229,34 +236,37 @@ def test_one_seed_says_no_spread_no_test(tmp_path, exps, new_store):
     assert "+0.45 (no test: n = 1)" in md
 
 
-def test_empty_store_says_no_finished_runs(tmp_path, exps, new_store):
+def test_empty_store_says_no_finished_runs(tmp_path, exps, new_store, capsys):
+    """No finished run: write_report says so and writes nothing (no placeholder table, no report run)."""
     uri = new_store(tmp_path / "store")
     client = MlflowClient(tracking_uri=uri)
     exp_id = ensure_experiment(client, uri, "reduction")
     cell = resolve_cells(exps, "reduction", seeds=[0])[0]
     log_cell(client, exp_id, cell, 50.0, 20.0, RESNET18[cell.variant], 2, status="FAILED")
-    out = report.write_report(uri, "reduction", tmp_path / "results", experiments=exps)
-    assert out == tmp_path / "results" / "cifar10" / "reduction"
-    assert "No finished runs" in (out / "table.md").read_text()
-    assert "no finished runs" in (out / "table.tex").read_text()
-    assert not list(out.glob("*.png"))
+    assert report.write_report(uri, "reduction", tmp_path / "results", experiments=exps) is None
+    assert "grid reduction has no finished runs without a preset; nothing written" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+    assert not runs_of(client, exp_id, "tags.report = 'true'")
+    # the table itself (e.g. for the notebook) still says why it is empty
+    frame = report.runs_frame(client, exp_id)
+    built = report.build_report(frame, "reduction", grid_config=exps.grids["reduction"], default_dataset="cifar10")
+    assert "No finished runs" in built.markdown and "no finished runs" in built.latex
     # a store without the grid's experiment at all: same message, nothing logged anywhere
-    other = report.write_report(uri, "squeeze", tmp_path / "results", experiments=exps)
-    assert "No finished runs" in (other / "table.md").read_text()
-    assert client.get_experiment_by_name("squeeze") is None
+    assert report.write_report(uri, "squeeze", tmp_path / "results", experiments=exps) is None
+    assert "grid squeeze has no finished runs" in capsys.readouterr().err
+    assert client.get_experiment_by_name("squeeze") is None and not (tmp_path / "results").exists()
 
 
-def test_preset_runs_are_reported_apart(tmp_path, exps, new_store):
+def test_preset_runs_are_reported_apart(tmp_path, exps, new_store, capsys):
     """A smoke check logged into the same store never enters the table of the real runs, and back."""
     uri = new_store(tmp_path / "store")
     fill(uri, exps, "reduction", {"r=16": [30.0], "r=2": [31.0]}, {"r=16": [9.0], "r=2": [9.5]}, RESNET18, [0],
          preset="smoke")
     results = tmp_path / "results"
-    # only smoke runs so far: the real report is empty and says how to get the smoke one
-    out = report.write_report(uri, "reduction", results, experiments=exps)
-    md = (out / "table.md").read_text()
-    assert "No finished runs of this grid without a preset yet" in md and "--report --preset NAME" in md
-    assert "smoke" in md and not list(out.glob("*.png"))
+    # only smoke runs so far: no real report; it says how to get the smoke one and writes nothing
+    assert report.write_report(uri, "reduction", results, experiments=exps) is None
+    assert "(runs of preset smoke are in the store: add --preset smoke)" in capsys.readouterr().err
+    assert not results.exists()
 
     real = {"r=16": [7.0, 7.1], "r=2": [6.9, 7.0]}
     fill(uri, exps, "reduction", real, {v: [0.2, 0.21] for v in real}, RESNET18, [0, 1])
