@@ -679,6 +679,9 @@ def load_dataset(
 
 # --------------------------------------------------------------------------- device + batches
 
+# How many worker processes share one GPU; the launcher sets it from --workers-per-gpu.
+WORKERS_PER_DEVICE_ENV = "SENET_WORKERS_PER_DEVICE"
+
 
 @dataclass(frozen=True, eq=False)
 class DeviceSplit:
@@ -693,16 +696,22 @@ class DeviceSplit:
     @classmethod
     def from_split(cls, split: Split, device: torch.device | str, chunk: int = 8192) -> DeviceSplit:
         device = torch.device(device)
+        cuda = device.type == "cuda"
         imgs = torch.empty(split.images.shape, dtype=torch.uint8, device=device)
-        for s in range(0, len(split), chunk):  # chunked: a memmap is never copied whole to RAM
-            part = torch.from_numpy(np.array(split.images[s : s + chunk]))
-            imgs[s : s + chunk].copy_(part.pin_memory() if device.type == "cuda" else part)
+        # Chunked through one reused (pinned, on CUDA) staging buffer: a memmap is never read whole into RAM.
+        stage = torch.empty((min(chunk, max(1, len(split))), *split.images.shape[1:]), dtype=torch.uint8,
+                            device="cpu", pin_memory=cuda)
+        for s in range(0, len(split), chunk):
+            part = stage[: min(chunk, len(split) - s)]
+            np.copyto(part.numpy(), split.images[s : s + len(part)])
+            imgs[s : s + len(part)].copy_(part)  # blocking: the staging buffer is refilled next
         labels = torch.from_numpy(np.array(split.labels, dtype=np.int64)).to(device)
         return cls(imgs, labels)
 
 
 # Split has identity hashing (eq=False), so a weak-keyed cache frees the device copy with the Split.
 _DEVICE_CACHE: weakref.WeakKeyDictionary[Split, dict[str, DeviceSplit]] = weakref.WeakKeyDictionary()
+_SAID: weakref.WeakKeyDictionary[Split, set[str]] = weakref.WeakKeyDictionary()  # residency reasons already logged
 
 
 def device_split(split: Split, device: torch.device | str) -> DeviceSplit:
@@ -714,35 +723,108 @@ def device_split(split: Split, device: torch.device | str) -> DeviceSplit:
     return per_device[key]
 
 
+def is_resident(split: Split | DeviceSplit, device: torch.device | str) -> bool:
+    """True when batches of ``split`` on ``device`` are device gathers (no host copy per batch)."""
+    if isinstance(split, DeviceSplit):
+        return True
+    return str(torch.device(device)) in _DEVICE_CACHE.get(split, {})
+
+
 def clear_device_cache() -> None:
     _DEVICE_CACHE.clear()
 
 
-def _fits_on_device(split: Split, device: torch.device) -> bool:
-    # Keep resident only if it takes at most a quarter of the GPU (CIFAR train: 150 MB).
-    total = torch.cuda.get_device_properties(device).total_memory
-    return split.images.nbytes <= total // 4
+def workers_per_device() -> int:
+    try:
+        return max(1, int(os.environ.get(WORKERS_PER_DEVICE_ENV, "1")))
+    except ValueError:
+        return 1
+
+
+def _fits_on_device(split: Split, device: torch.device) -> tuple[bool, str]:
+    """Whether ``split`` may live on the GPU, and why, in one line.
+
+    Sized against what is really there: the device's free memory now, this worker's share of
+    the device when K workers share it (``--workers-per-gpu``), and this process's measured
+    peak so far (model, optimizer state, activations: train() measures one epoch before asking).
+    A tenth of the share stays free for allocator fragmentation and cuDNN workspaces.
+    """
+    free, total = torch.cuda.mem_get_info(device)
+    k = workers_per_device()
+    share = total // k
+    peak = torch.cuda.max_memory_reserved(device)
+    need = split.images.nbytes + split.labels.nbytes
+    headroom = share // 10
+    room = min(free - headroom, share - headroom - peak)
+    ok = need <= room
+    mib = 2**20
+    return ok, (f"{need / mib:.0f} MiB of data {'fits' if ok else 'does not fit'} in {max(0, room) / mib:.0f} MiB "
+                f"({free / mib:.0f} MiB free, 1/{k} of {total / mib:.0f} MiB per worker, "
+                f"measured peak {peak / mib:.0f} MiB)")
+
+
+def _say_once(split: Split, device: torch.device, resident: bool, text: str) -> None:
+    said = _SAID.setdefault(split, set())
+    key = f"{device}:{resident}"
+    if key not in said:  # once per split, device and decision, not every epoch
+        said.add(key)
+        print(f"data on {device}: {text}", file=sys.stderr, flush=True)
+
+
+def _seeds(seed: int, epoch: int) -> tuple[int, int]:
+    # SeedSequence mixes (seed, epoch) so neighbouring pairs give unrelated streams: one for the
+    # sample order (host), one for augmentation (device).
+    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint64)
+    return int(state[0]) & ((1 << 63) - 1), int(state[1]) & ((1 << 63) - 1)
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    # SeedSequence mixes (seed, epoch) so neighbouring pairs give unrelated streams.
-    state = np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+    """The host generator of an epoch's sample order (a permutation, drawn once per epoch)."""
+    return torch.Generator(device="cpu").manual_seed(_seeds(seed, epoch)[0])
 
 
-def _host_batch(split: Split, idx: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Gather a batch from (memmapped) host arrays straight into pinned memory, then copy async."""
-    cuda = device.type == "cuda"
-    buf = torch.empty((len(idx), *split.images.shape[1:]), dtype=torch.uint8, pin_memory=cuda)
-    np.take(split.images, idx, axis=0, out=buf.numpy(), mode="clip")
-    labels = torch.from_numpy(np.asarray(split.labels[idx], dtype=np.int64))
-    if cuda:
-        labels = labels.pin_memory()
-    return buf.to(device, non_blocking=cuda), labels.to(device, non_blocking=cuda)
+def augmentation_generator(seed: int, epoch: int, device: torch.device | str) -> torch.Generator:
+    """The generator that draws an epoch's augmentation, living on ``device`` (the data's device).
+
+    Fresh at the start of every epoch, so its state is a function of (seed, epoch, device) alone:
+    iterate_batches(start=k) re-derives it and advances it past k batches; nothing needs saving.
+    """
+    return torch.Generator(device=torch.device(device)).manual_seed(_seeds(seed, epoch)[1])
 
 
-def _transform(x: Tensor, dataset: Dataset, train: bool, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
-    """uint8 NCHW -> augmented (train) or eval-cropped, normalised batch."""
+class _HostBatches:
+    """Batches gathered from (possibly memmapped) host arrays into reused staging buffers.
+
+    On CUDA two pinned buffers take turns, so the gather of batch i+1 overlaps the async copy of
+    batch i; an event per buffer says when its copy is done and it may be refilled.
+    """
+
+    def __init__(self, split: Split, batch_size: int, device: torch.device) -> None:
+        self.split, self.device, self.cuda = split, device, device.type == "cuda"
+        shape = (min(batch_size, max(1, len(split))), *split.images.shape[1:])
+        self.bufs = [torch.empty(shape, dtype=torch.uint8, device="cpu", pin_memory=self.cuda)
+                     for _ in range(2 if self.cuda else 1)]
+        self.events: list[object | None] = [None] * len(self.bufs)
+        self.turn = 0
+
+    def images(self, idx: np.ndarray) -> Tensor:
+        i, self.turn = self.turn, (self.turn + 1) % len(self.bufs)
+        if self.events[i] is not None:
+            self.events[i].synchronize()  # its previous copy to the device has finished
+        buf = self.bufs[i][: len(idx)]
+        np.take(self.split.images, idx, axis=0, out=buf.numpy(), mode="clip")
+        if not self.cuda:
+            return buf  # never yielded as is: augmentation / normalisation make new tensors
+        x = buf.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.events[i] = event
+        return x
+
+
+def _transform(x: Tensor, dataset: Dataset, train: bool, gen: torch.Generator, dtype: torch.dtype,
+               constants: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """uint8 NCHW -> augmented (train) or eval-cropped, normalised batch, in x's memory format."""
     if dataset.style == "cifar":
         if train:
             x = augment.pad_crop_flip(x, 4, generator=gen)
@@ -750,7 +832,15 @@ def _transform(x: Tensor, dataset: Dataset, train: bool, gen: torch.Generator, d
         x = augment.random_resized_crop_flip(x, dataset.image_size, generator=gen)
     elif x.shape[-1] != dataset.image_size or x.shape[-2] != dataset.image_size:
         x = augment.center_crop(x, dataset.image_size)
-    return augment.normalize(x, dataset.mean, dataset.std, dtype)
+    return augment.normalize(x, dataset.mean, dataset.std, dtype, constants=constants)
+
+
+def _skip_draws(dataset: Dataset, n: int, hw: tuple[int, int], gen: torch.Generator, device: torch.device) -> None:
+    """Advance ``gen`` exactly as ``_transform(train=True)`` would for a batch of ``n``, without the work."""
+    if dataset.style == "cifar":
+        augment.pad_crop_flip_params(n, 4, 0.5, gen, device)
+    else:
+        augment.random_resized_crop_params(n, hw[0], hw[1], (0.08, 1.0), (3 / 4, 4 / 3), 0.5, gen, device)
 
 
 def iterate_batches(
@@ -765,34 +855,95 @@ def iterate_batches(
     drop_last: bool | None = None,
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
+    start: int = 0,
+    resident: bool | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (normalised NCHW images of ``dtype``, int64 labels) on ``device``.
 
-    train=True: order = randperm from a CPU generator seeded by (seed, epoch), and the same
-    generator drives augmentation, so an epoch is fully reproducible. train=False: in order,
-    only the eval centre crop (imagenet style). drop_last defaults to ``train``.
+    train=True: order = randperm from a host generator seeded by (seed, epoch), drawn once per
+    epoch; augmentation is drawn by ``augmentation_generator(seed, epoch, device)``, so an epoch
+    is reproducible on a given device. train=False: in order, only the eval centre crop
+    (imagenet style). drop_last defaults to ``train``.
+
+    start=k begins at batch k and yields exactly what an uninterrupted epoch yields from there:
+    the k skipped batches' random draws are consumed (without augmenting anything).
+
+    resident: None decides (a CUDA split that fits is copied to the GPU once, then every batch
+    is a device gather); False streams from the host arrays; True forces residency.
+    All per-epoch setup (order, generators, normalisation constants) happens here, before the
+    first batch, so the loop itself copies nothing between host and device when resident.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
     device = torch.device(device)
     drop_last = train if drop_last is None else drop_last
-    gen = _epoch_generator(seed, epoch)
     n = len(split)
-    order = torch.randperm(n, generator=gen) if train else torch.arange(n)
+    order = torch.randperm(n, generator=_epoch_generator(seed, epoch), device="cpu") if train else None
+    gen = augmentation_generator(seed, epoch, device)
 
-    if isinstance(split, Split) and device.type == "cuda" and _fits_on_device(split, device):
-        split = device_split(split, device)  # whole split resident: batches are pure GPU gathers
-    # Index on the side where the pixels live: device tensor for a resident split, numpy otherwise.
-    order_on = order.to(split.images.device) if isinstance(split, DeviceSplit) else order.numpy()
+    if isinstance(split, Split) and device.type == "cuda":
+        if resident is None and not is_resident(split, device):
+            resident, why = _fits_on_device(split, device)
+            _say_once(split, device, resident, why if resident else why + "; streaming it from host memory")
+        if resident or is_resident(split, device):
+            try:
+                split = device_split(split, device)  # whole split resident: batches are pure GPU gathers
+            except torch.cuda.OutOfMemoryError as exc:  # the room went (another worker) between sizing and copying
+                why = str(exc).splitlines()[0][:120] if str(exc) else "out of memory"
+                _say_once(split, device, False, f"copying the data to the GPU failed ({why}); streaming it from host memory")
+                torch.cuda.empty_cache()
+    elif isinstance(split, Split) and resident and device.type != "cpu":
+        split = device_split(split, device)
 
-    mem = torch.channels_last if channels_last else torch.contiguous_format
     end = n - n % batch_size if drop_last else n
-    for start in range(0, end, batch_size):
-        idx = order_on[start : start + batch_size]
-        if isinstance(split, DeviceSplit):
-            x, y = split.images[idx].to(device), split.labels[idx].to(device)
-        else:
-            x, y = _host_batch(split, idx, device)
-        x = x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW (already channels_last strides)
-        x = _transform(x, dataset, train, gen, dtype)
-        yield x.contiguous(memory_format=mem), y
+    constants = augment.affine_constants(dataset.mean, dataset.std, device)
+    hw = tuple(split.images.shape[1:3])
+    first = min(start * batch_size, end)
+    if train:
+        for s in range(0, first, batch_size):
+            _skip_draws(dataset, min(batch_size, end - s), hw, gen, device)
+    if isinstance(split, DeviceSplit):
+        where = split.images.device
+        order_on = order.to(where) if train else torch.arange(n, device=where)
+        return _resident_batches(split, dataset, order_on, first, end, batch_size, train, device, gen, dtype,
+                                 channels_last, constants)
+    # Labels and order go to the device once per epoch; only the images are streamed batch by batch.
+    labels = torch.from_numpy(np.asarray(split.labels, dtype=np.int64)).to(device)
+    order_host = order.numpy() if train else np.arange(n)
+    order_dev = order.to(device) if train else torch.arange(n, device=device)
+    return _streamed_batches(split, dataset, labels, order_host, order_dev, first, end, batch_size, train, device,
+                             gen, dtype, channels_last, constants)
+
+
+def _finish(x: Tensor, dataset: Dataset, train: bool, gen: torch.Generator, dtype: torch.dtype,
+            channels_last: bool, constants: tuple[Tensor, Tensor]) -> Tensor:
+    x = x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: channels_last strides, no copy
+    if not channels_last:
+        x = x.contiguous()  # the layout change on uint8, the cheapest place for it
+    x = _transform(x, dataset, train, gen, dtype, constants)  # keeps the memory format
+    # A no-op on the pad-crop path; grid_sample (imagenet style) returns NCHW, converted here.
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _resident_batches(split: DeviceSplit, dataset: Dataset, order: Tensor, first: int, end: int, batch_size: int,
+                      train: bool, device: torch.device, gen: torch.Generator, dtype: torch.dtype,
+                      channels_last: bool, constants: tuple[Tensor, Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
+    for s in range(first, end, batch_size):
+        idx = order[s : s + batch_size]
+        x, y = split.images[idx], split.labels[idx]
+        if x.device != device:  # a DeviceSplit made for another device; not the hot path
+            x, y = x.to(device), y.to(device)
+        yield _finish(x, dataset, train, gen, dtype, channels_last, constants), y
+
+
+def _streamed_batches(split: Split, dataset: Dataset, labels: Tensor, order_host: np.ndarray,
+                      order_dev: Tensor, first: int, end: int, batch_size: int, train: bool,
+                      device: torch.device, gen: torch.Generator, dtype: torch.dtype, channels_last: bool,
+                      constants: tuple[Tensor, Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
+    host = _HostBatches(split, batch_size, device)
+    for s in range(first, end, batch_size):
+        x = host.images(order_host[s : s + batch_size])
+        y = labels[order_dev[s : s + batch_size]]
+        yield _finish(x, dataset, train, gen, dtype, channels_last, constants), y
