@@ -110,6 +110,7 @@ def _spawn(args: argparse.Namespace, slots: Sequence[str | None], tracking_uri: 
         device = args.device
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"], device = gpu, "cuda"  # the worker sees its one GPU as cuda:0
+            env["SENET_WORKERS_PER_DEVICE"] = str(args.workers_per_gpu)  # resident data takes 1/K of the GPU
         # Its own session: a terminal's Ctrl-C reaches the launcher only, which passes it on once.
         procs.append(subprocess.Popen(_worker_argv(args, tracking_uri, storage, f"w{i}", device, threads, series),
                                       env=env, start_new_session=True))

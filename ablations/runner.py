@@ -116,6 +116,7 @@ def run_cell(cell: Cell, config: ExperimentConfig, data: Dataset, run: CellRun, 
     run.log_text(model_summary(model, config, data.image_size), "model_summary.txt")
     progress.start_cell(cell, config.train.epochs)
     result = train(config, model, data, device, observer=_Observer(run, progress, guard))
+    run.set_tags({"compile": result.compile_status})  # "off", "on" or "eager fallback: <why>"
     final = {
         "params": c.params, "caffe_params": c.caffe_params, "gflops": c.gflops,
         "final_top1_err": result.final.test_top1_err, "final_top5_err": result.final.test_top5_err,

@@ -8,9 +8,11 @@ a NaN or inf loss is caught.
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ablations.config import ExperimentConfig, TrainConfig
-from ablations.data import Dataset, iterate_batches
+from ablations.data import Dataset, is_resident, iterate_batches
 
 
 class CellFailed(RuntimeError):
@@ -44,6 +46,7 @@ class EpochStats:
 class TrainResult:
     model: nn.Module
     history: list[EpochStats] = field(default_factory=list)
+    compile_status: str = "off"  # "on", or "eager fallback: <reason>" (never silent); logged as a run tag
 
     @property
     def final(self) -> EpochStats:
@@ -116,10 +119,95 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, oom) or "out of memory" in str(exc).lower()
 
 
+def _gpu_defaults(bf16: bool) -> None:
+    """What every fast CIFAR trainer sets on a GPU.
+
+    The GPU defaults of this harness are standard practice, and NONE of them has been measured on a
+    GPU here (the machine this was written on has none; `bench/train_speed.py --device cuda` is what
+    measures them): cudnn.benchmark (input shapes are fixed within a cell, drop_last, so autotuning
+    once pays off); TF32 for fp32 matmuls and convolutions when bf16 autocast is off; batches that
+    arrive in the compute dtype (normalize casts once, the model's first layer casts nothing);
+    channels_last from the NHWC storage through augmentation without a layout copy (ablations.augment);
+    and a zero-pad shortcut that keeps the layout (senet.resnet.PadShortcut). On a CPU only the
+    layout and dtype behaviour is checked (tests/test_gpu_path.py), not any speed.
+    """
+    torch.backends.cudnn.benchmark = True
+    if not bf16:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True  # torch's default for convolutions; stated, not assumed
+
+
+def _compile_failures() -> tuple[type[BaseException], ...]:
+    import torch._dynamo.exc as dynamo_exc
+
+    return tuple(getattr(dynamo_exc, name) for name in ("TorchDynamoException", "FailOnRecompileLimitHit")
+                 if hasattr(dynamo_exc, name))
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class _Compiled:
+    """The training forward, compiled once per cell, falling back to eager loudly, never silently.
+
+    A worker or a multi-grid run trains many models in one process; each compile of a new
+    architecture is a recompile of the same `forward` code, and past dynamo's recompile limit (8)
+    dynamo would quietly run eager. So every cell starts from empty dynamo caches (reset), the
+    limit raises instead of degrading, and a failure switches this cell to eager with a warning
+    and `status` (the runner records it as the run's `compile` tag).
+    """
+
+    def __init__(self, model: nn.Module, enabled: bool) -> None:
+        self.model, self.fn = model, model
+        self.status = "off"
+        if enabled:
+            import torch._dynamo
+
+            torch._dynamo.reset()
+            self.fn, self.status = torch.compile(model), "on"
+            self.failures = _compile_failures()
+            self.graphs_before = _graphs_compiled()
+            self.checked = False
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.fn is self.model:
+            return self.model(x)
+        import torch._dynamo
+
+        try:
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                out = self.fn(x)
+        except self.failures as exc:
+            # Dynamo/inductor fail while tracing or compiling, before the graph runs; the batch is
+            # then run eagerly (only BatchNorm statistics could see it twice, if tracing ran them).
+            inner = getattr(exc, "inner_exception", None)  # BackendCompilerFailed wraps the compiler's own error
+            why = f"{type(inner).__name__}: {inner}" if inner is not None else str(exc)
+            self._fall_back(f"{type(exc).__name__}: {' '.join(why.split())[:240]}")
+            return self.model(x)
+        if not self.checked:
+            self.checked = True
+            if _graphs_compiled() == self.graphs_before:  # dynamo ran the frame eagerly without saying so
+                self._fall_back("dynamo captured no graph for this model")
+        return out
+
+    def _fall_back(self, reason: str) -> None:
+        self.fn, self.status = self.model, f"eager fallback: {reason}"
+        warnings.warn(f"torch.compile failed, this cell trains eagerly: {reason}", RuntimeWarning, stacklevel=3)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, device: torch.device, batch_size: int,
              dtype: torch.dtype, channels_last: bool, autocast) -> tuple[float, float]:
-    """(top-1, top-5) test error in percent."""
+    """(top-1, top-5) test error in percent.
+
+    Runs the eager model even when training is compiled: evaluation is a forward pass over the
+    test set once per epoch (a few percent of the work), and compiling it would add a second graph
+    per cell (eval-mode BatchNorm) plus a recompile for the last, smaller batch, costing more
+    compile time than it saves, with the same numbers.
+    """
     model.eval()
     k = min(5, len(data.classes))
     top1 = torch.zeros((), device=device, dtype=torch.long)
@@ -136,6 +224,50 @@ def evaluate(model: nn.Module, data: Dataset, device: torch.device, batch_size: 
     return 100.0 * (1 - top1.item() / n), 100.0 * (1 - topk.item() / n)
 
 
+def _train_epoch(cfg: ExperimentConfig, epoch: int, step: int, total: int, steps_per_epoch: int,
+                 model: nn.Module, step_fn: Callable[[Tensor], Tensor], optimizer: torch.optim.Optimizer,
+                 data: Dataset, device: torch.device, dtype: torch.dtype, channels_last: bool, autocast,
+                 observer: Observer | None, sync_every: int) -> tuple[int, float, float, int, float]:
+    """One epoch of SGD; returns (step, train loss, lr, images seen, wrong predictions).
+
+    Its own frame, so that after an out-of-memory error the batch's tensors die with the traceback.
+    """
+    tc = cfg.train
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    wrong = torch.zeros((), device=device, dtype=torch.long)
+    seen, lr = 0, tc.lr
+    # Epoch 1 on a GPU streams from host memory unless the data is already there: residency is
+    # decided from epoch 2 on, once this cell's peak memory has been measured.
+    cuda_first = device.type == "cuda" and epoch == 1 and not is_resident(data.train, device)
+    batches = iterate_batches(data.train, data, batch_size=tc.batch_size, train=True, device=device,
+                              epoch=epoch, seed=cfg.seed, drop_last=len(data.train.labels) >= tc.batch_size,
+                              dtype=dtype, channels_last=channels_last, resident=False if cuda_first else None)
+    for i, (x, y) in enumerate(batches):
+        lr = lr_at(step, total, tc, steps_per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast():
+            logits = step_fn(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=tc.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        wrong += (logits.detach().argmax(1) != y).sum()
+        seen += len(y)
+        step += 1
+        if (i + 1) % sync_every == 0:
+            running = loss_sum.item() / seen  # the one host sync every `sync_every` steps
+            if not math.isfinite(running):
+                raise CellFailed(f"loss became {running} at epoch {epoch}, step {i + 1}")
+            if observer:
+                observer.on_step(epoch, i + 1, steps_per_epoch, running)
+        elif observer:
+            observer.on_step(epoch, i + 1, steps_per_epoch, None)
+    return step, loss_sum.item() / max(1, seen), lr, seen, wrong.item()
+
+
 def train(cfg: ExperimentConfig, model: nn.Module, data: Dataset, device: torch.device,
           observer: Observer | None = None, sync_every: int = 50) -> TrainResult:
     """Train `model` on `data` as `cfg.train` says; raise CellFailed on divergence or OOM."""
@@ -143,56 +275,37 @@ def train(cfg: ExperimentConfig, model: nn.Module, data: Dataset, device: torch.
     cuda = device.type == "cuda"
     bf16 = tc.precision == "bf16" or (tc.precision == "auto" and cuda)
     channels_last = cuda if tc.channels_last == "auto" else bool(tc.channels_last)
+    dtype = torch.bfloat16 if bf16 else torch.float32  # batches arrive in the compute dtype: no cast in the model
     autocast: Callable[[], object] = (
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     )
+    if cuda:
+        _gpu_defaults(bf16)
+        gc.collect()  # the previous cell's tensors, then its cached blocks: this cell starts clean
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    step_fn = torch.compile(model) if tc.compile else model
+    step_fn = _Compiled(model, tc.compile)
     optimizer = _make_optimizer(model, tc, device)
     steps_per_epoch = len(data.train.labels) // tc.batch_size or 1
     total = steps_per_epoch * tc.epochs
     eval_bs = tc.eval_batch_size or 2 * tc.batch_size
-    result = TrainResult(model)
+    result = TrainResult(model, compile_status=step_fn.status)
     step = 0
+    oom = ""
     try:
         for epoch in range(1, tc.epochs + 1):
-            model.train()
             start = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            wrong = torch.zeros((), device=device, dtype=torch.long)
-            seen = 0
-            batches = iterate_batches(data.train, data, batch_size=tc.batch_size, train=True, device=device,
-                                      epoch=epoch, seed=cfg.seed, drop_last=len(data.train.labels) >= tc.batch_size,
-                                      channels_last=channels_last)
-            for i, (x, y) in enumerate(batches):
-                lr = lr_at(step, total, tc, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with autocast():
-                    logits = step_fn(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=tc.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach() * len(y)
-                wrong += (logits.detach().argmax(1) != y).sum()
-                seen += len(y)
-                step += 1
-                if (i + 1) % sync_every == 0:
-                    running = loss_sum.item() / seen  # the one host sync every `sync_every` steps
-                    if not math.isfinite(running):
-                        raise CellFailed(f"loss became {running} at epoch {epoch}, step {i + 1}")
-                    if observer:
-                        observer.on_step(epoch, i + 1, steps_per_epoch, running)
-                elif observer:
-                    observer.on_step(epoch, i + 1, steps_per_epoch, None)
-            train_loss = loss_sum.item() / max(1, seen)
+            step, train_loss, lr, seen, wrong = _train_epoch(
+                cfg, epoch, step, total, steps_per_epoch, model, step_fn, optimizer, data, device, dtype,
+                channels_last, autocast, observer, sync_every)
+            result.compile_status = step_fn.status
             if not math.isfinite(train_loss):
                 raise CellFailed(f"loss became {train_loss} at epoch {epoch}")
             train_seconds = time.perf_counter() - start
-            top1, top5 = evaluate(model, data, device, eval_bs, torch.float32, channels_last, autocast)
+            top1, top5 = evaluate(model, data, device, eval_bs, dtype, channels_last, autocast)
             stats = EpochStats(
-                epoch=epoch, train_loss=train_loss, train_err=100.0 * wrong.item() / max(1, seen),
+                epoch=epoch, train_loss=train_loss, train_err=100.0 * wrong / max(1, seen),
                 test_top1_err=top1, test_top5_err=top5, lr=lr,
                 seconds=time.perf_counter() - start, images_per_s=seen / train_seconds,
             )
@@ -200,11 +313,14 @@ def train(cfg: ExperimentConfig, model: nn.Module, data: Dataset, device: torch.
             if observer:
                 observer.on_epoch(stats)
     except RuntimeError as exc:
-        if isinstance(exc, CellFailed):
+        if isinstance(exc, CellFailed) or not _is_oom(exc):
             raise
-        if _is_oom(exc):
-            if cuda:
-                torch.cuda.empty_cache()
-            raise CellFailed(f"out of memory: {str(exc).splitlines()[0][:200]}") from exc
-        raise
+        oom = f"out of memory: {str(exc).splitlines()[0][:200]}"
+        # Leaving this block drops `exc`, its traceback and the frames it holds (the batch's tensors).
+    if oom:
+        del step_fn, optimizer  # compiled graphs, momentum buffers
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()  # only now is there something to give back
+        raise CellFailed(oom)
     return result
