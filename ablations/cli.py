@@ -176,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_device(args.device)
         if args.report or args.analyze:
             return _report_or_analyze(args, exps)
+        from ablations.preflight import gate
+
+        if code := gate(args, grids):  # on a GPU: one real step and one MLflow write, before any cell is claimed
+            return code
         if worker:
             from ablations.worker import work
 

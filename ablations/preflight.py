@@ -1,0 +1,216 @@
+"""Preflight: one real training step on the run's device, with the run's settings, before any cell is claimed.
+
+    python -m ablations.preflight --device cuda --tracking-uri sqlite:///mlflow.db [--compile]
+
+It exercises what a grid will use - the device, bf16 autocast, fused SGD, channels_last,
+torch.compile when on, the batch iterator, evaluation - through `train()` itself on a
+few random images of the cell's size, then writes (and deletes) one MLflow run in the store.
+It takes seconds (plus one compile when compile is on: inductor's on-disk cache then serves
+the cells' own compiles of the same model and shapes).
+
+Exit 0 when all of it works; exit 2 with the cause on one line otherwise (no CUDA, a driver
+that does not match torch, a missing package, an unwritable store, a step that fails).
+`run_ablation.py` runs it before a grid on a GPU; it also runs on a CPU (`--device cpu`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ablations.exit_codes import EXIT_BAD_INPUT, EXIT_OK
+
+# Set once a preflight passed in this process; the workers a launcher starts inherit it and skip theirs.
+PREFLIGHT_PASSED_ENV = "SENET_PREFLIGHT_PASSED"
+PREFLIGHT_EXPERIMENT = "_preflight"
+
+
+class PreflightFailed(Exception):
+    """The cause, in one line."""
+
+
+def _cuda_problem(spec: str) -> str | None:
+    """Why `spec` (a cuda device) cannot be used, or None."""
+    if torch.version.cuda is None:
+        return f"no CUDA: this torch ({torch.__version__}) is a CPU-only build; install a CUDA build of torch"
+    try:
+        torch.cuda.init()  # raises the driver's own words ("driver too old", "no CUDA-capable device")
+    except Exception as exc:  # noqa: BLE001 - any failure here is the cause to report
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        low = text.lower()
+        kind = ("no CUDA" if "no nvidia driver" in low else
+                "driver/torch mismatch" if "driver" in low else "no usable CUDA device")
+        return f"{kind}: {text} (torch {torch.__version__} built for CUDA {torch.version.cuda})"
+    count = torch.cuda.device_count()
+    if count == 0:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return f"no CUDA device visible (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "no CUDA device"
+    index = torch.device(spec).index or 0
+    if index >= count:
+        return f"--device {spec}: only {count} CUDA device(s) visible"
+    return None
+
+
+def _check_packages(names: Sequence[str]) -> None:
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - ImportError, or a package broken at import
+            raise PreflightFailed(f"missing package: {name} ({type(exc).__name__}: {str(exc).splitlines()[0][:150]}); "
+                                  f"pip install {name}") from None
+
+
+def _tiny_dataset(image_size: int, n_train: int, n_test: int, num_classes: int):
+    from ablations.data import CIFAR_STYLE_MAX_PX, EVAL_MARGIN, Dataset, Split
+
+    style = "cifar" if image_size <= CIFAR_STYLE_MAX_PX else "imagenet"
+    side = image_size if style == "cifar" else round(image_size * EVAL_MARGIN)
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> Split:
+        return Split(rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8),
+                     (np.arange(n) % num_classes).astype(np.int64))
+
+    return Dataset("synthetic", "preflight", tuple(f"class{i}" for i in range(num_classes)), split(n_train),
+                   split(n_test), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), style, image_size)
+
+
+def _training_step(config, device: torch.device) -> str:
+    """Train `config`'s model for one step (plus one evaluation); describe what ran."""
+    from ablations.train import CellFailed, train
+    from senet import build_model
+
+    classes = min(config.model.num_classes, 10)
+    config = config.model_copy(update={
+        "model": config.model.model_copy(update={"num_classes": classes}),
+        "train": config.train.model_copy(update={"epochs": 1, "warmup_epochs": 0.0}),
+    })
+    from ablations.runner import expected_image_size
+
+    image_size = expected_image_size(config.dataset)
+    bs = config.train.batch_size
+    data = _tiny_dataset(image_size, bs, max(2, min(bs, 16)), classes)
+    torch.manual_seed(0)
+    try:
+        result = train(config, build_model(config.model), data, device, sync_every=1)
+    except CellFailed as exc:
+        raise PreflightFailed(f"the training step failed: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever breaks the step is the cause to report
+        raise PreflightFailed(f"the training step failed: {type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from None
+    if result.compile_status.startswith("eager fallback"):
+        raise PreflightFailed(f"torch.compile does not work here ({result.compile_status}); "
+                              "set train.compile=false or fix the compiler")
+    tc = config.train
+    cuda = device.type == "cuda"
+    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and cuda)
+    channels_last = cuda if tc.channels_last == "auto" else bool(tc.channels_last)
+    return (f"{config.model.arch} {image_size}px batch {bs}: {'bf16 autocast' if bf16 else 'fp32'}, "
+            f"{'channels_last' if channels_last else 'NCHW'}, {'fused' if cuda else 'foreach'} SGD, "
+            f"compile {result.compile_status}")
+
+
+def _store_write(tracking_uri: str) -> None:
+    """Create (or reuse) the preflight experiment, write one run, delete it: the store takes writes."""
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        found = client.get_experiment_by_name(PREFLIGHT_EXPERIMENT)
+        exp_id = found.experiment_id if found else client.create_experiment(PREFLIGHT_EXPERIMENT)
+        run = client.create_run(exp_id, tags={"preflight": "1"})
+        client.log_metric(run.info.run_id, "preflight", 1.0)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        client.delete_run(run.info.run_id)
+    except Exception as exc:  # noqa: BLE001 - sqlite, filesystem and server errors all mean "cannot write"
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise PreflightFailed(f"tracking store {tracking_uri} is not writable: {text}") from None
+
+
+def preflight(device_spec: str, config=None, tracking_uri: str | None = None) -> str:
+    """Run every check; return a one-line summary, or raise PreflightFailed with the cause."""
+    from ablations.config import ExperimentConfig
+
+    t0 = time.perf_counter()
+    if device_spec.startswith("cuda") or device_spec == "auto":
+        problem = _cuda_problem("cuda" if device_spec == "auto" else device_spec)
+        if problem:
+            raise PreflightFailed(problem)
+    device = torch.device("cuda" if device_spec == "auto" else device_spec)
+    config = config or ExperimentConfig.model_validate({"model": {"arch": "resnet20", "num_classes": 10,
+                                                                  "se": {"reduction": 4}},
+                                                        "train": {"batch_size": 32}, "seed": 0})
+    packages = ["mlflow", "optuna", "pydantic", "numpy"]
+    if config.train.compile and device.type == "cuda":
+        packages.append("triton")  # inductor's GPU code generation
+    _check_packages(packages)
+    if tracking_uri:
+        _store_write(tracking_uri)  # before the step: a bad store is the commonest and cheapest failure
+    what = _training_step(config, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    store = f"; MLflow write ok ({tracking_uri})" if tracking_uri else ""
+    return f"preflight ok on {device} ({name}): {what}{store}; {time.perf_counter() - t0:.1f} s"
+
+
+def run_or_exit_code(device_spec: str, config=None, tracking_uri: str | None = None) -> int:
+    """For the CLI: print the outcome on one line (stderr); EXIT_OK or EXIT_BAD_INPUT."""
+    try:
+        print(preflight(device_spec, config, tracking_uri), file=sys.stderr, flush=True)
+    except PreflightFailed as exc:
+        print(f"preflight failed: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    os.environ[PREFLIGHT_PASSED_ENV] = "1"
+    return EXIT_OK
+
+
+def gate(args: argparse.Namespace, grids: Sequence[tuple[str, Sequence]]) -> int:
+    """run_ablation.py's hook: on a GPU, preflight the first cell's settings before any cell is claimed.
+
+    Returns 0 to go on (passed, not on a GPU, or already passed in the launcher that started
+    this worker), else EXIT_BAD_INPUT after printing the cause.
+    """
+    gpus = getattr(args, "gpus", None)
+    on_gpu = args.device.startswith("cuda") or bool(gpus) or (args.device == "auto" and torch.cuda.is_available())
+    cells = [c for _, grid in grids for c in grid]
+    if not on_gpu or not cells or os.environ.get(PREFLIGHT_PASSED_ENV):
+        return EXIT_OK
+    from ablations.tracking import default_tracking_uri
+
+    spec = "cuda" if gpus or args.device == "auto" else args.device
+    return run_or_exit_code(spec, cells[0].config, args.tracking_uri or default_tracking_uri())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ablations.preflight", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", required=True, help="cuda | cuda:N | cpu (no default: say which one the run uses)")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow store to write one (deleted) run to")
+    p.add_argument("--arch", default="resnet20", help="model architecture (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=32, help="input size (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="include torch.compile")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    args = p.parse_args(argv)
+    from ablations.config import ConfigError, ExperimentConfig
+
+    try:
+        config = ExperimentConfig.model_validate({
+            "dataset": {"name": "synthetic", "image_size": args.image_size},
+            "model": {"arch": args.arch, "num_classes": 10, "se": {"reduction": 4}},
+            "train": {"batch_size": args.batch_size, "compile": args.compile, "precision": args.precision},
+            "seed": 0,
+        })
+    except (ConfigError, ValueError) as exc:
+        print(f"preflight failed: {' '.join(str(exc).split())[:300]}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return run_or_exit_code(args.device, config, args.tracking_uri)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
