@@ -41,9 +41,13 @@ class PadShortcut(nn.Module):
         self.cout, self.stride = cout, stride
 
     def forward(self, x: Tensor) -> Tensor:
+        # The output keeps the input's layout (channels_last stays channels_last): F.pad allocates
+        # in the input's suggested memory format, and the request below is then a no-op, never a copy.
+        fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous() else torch.contiguous_format
         x = x[:, :, :: self.stride, :: self.stride]
         extra = self.cout - x.shape[1]
-        return F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))
+        return F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2)).contiguous(memory_format=fmt)
 
 
 class ResidualUnit(nn.Module):
