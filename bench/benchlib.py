@@ -13,6 +13,40 @@ from typing import Any
 import torch
 
 
+DEVICE_HELP = "cpu | cuda | cuda:N, required: a GPU run must say so, and never falls back to the CPU"
+
+
+def bench_device(spec: str) -> torch.device:
+    """The device a benchmark was told to use. No 'auto': a GPU benchmark that quietly ran on the
+    CPU would publish CPU figures as GPU figures. Exits 2 (one line) when CUDA is asked for and absent."""
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {spec}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"error: --device {spec}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {spec}: CUDA is not available here (torch {torch.__version__}); "
+                         "refusing to run on the CPU instead")
+    return device
+
+
+def preflight_cuda(device: torch.device, compile: bool = False) -> None:
+    """Before a GPU benchmark: one real training step with the harness's GPU settings; exit 2 with the cause."""
+    if device.type != "cuda":
+        return
+    from ablations.preflight import PreflightFailed, preflight
+
+    from ablations.config import ExperimentConfig
+
+    config = ExperimentConfig.model_validate({"model": {"arch": "resnet20", "num_classes": 10, "se": {"reduction": 4}},
+                                              "train": {"batch_size": 128, "compile": compile}, "seed": 0})
+    try:
+        print(preflight(str(device), config), flush=True)
+    except PreflightFailed as exc:
+        raise SystemExit(f"preflight failed: {exc}") from None
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

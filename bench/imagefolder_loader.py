@@ -1,6 +1,6 @@
 """ImageNet-style input pipelines: which one feeds training faster (issue #6, item 1).
 
-    python bench/imagefolder_loader.py [--data-root ../shared/data] [--device auto|cpu|cuda]
+    python bench/imagefolder_loader.py [--data-root ../shared/data] --device cpu|cuda
                                        [--batch-size 64] [--epochs 4] [--workers 4] [--json-out PATH]
 
 Three ways to turn an ImageFolder of JPEGs into augmented, normalised training batches on the
@@ -43,7 +43,6 @@ import benchlib  # noqa: E402  (bench/benchlib.py)
 
 from ablations import augment  # noqa: E402
 from ablations.data import iterate_batches, load_dataset  # noqa: E402
-from ablations.train import resolve_device  # noqa: E402
 
 ARCHIVE = "imagenette-224-mini.tar.gz"
 SIZE = 224
@@ -129,7 +128,7 @@ def extract(archive: Path, dst: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", default="../shared/data")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", required=True, help=benchlib.DEVICE_HELP)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=4, help="total per pipeline, the first excluded (>= 2)")
     ap.add_argument("--workers", type=int, default=4, help="DataLoader workers of (a)")
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.epochs < 2:
         ap.error("--epochs must be >= 2: the first epoch is not timed")
-    device = resolve_device(args.device)
+    device = benchlib.bench_device(args.device)
     root = Path(args.data_root).expanduser().resolve()
     if not (root / ARCHIVE).is_file():
         print(f"error: {root / ARCHIVE} not found (the Imagenette sample; see ../shared/data/README.md)", file=sys.stderr)

@@ -4,7 +4,7 @@ The paper (Section 4) reports +10% for forward+backward (190 -> 209 ms, minibatc
 8 GPUs) and +1.8% for CPU inference (164 -> 167 ms). Timings alternate between the two models
 so that drift (thermal, other load) hits both alike; the median of the repeats is reported.
 
-    python bench/se_overhead.py [--batch 8] [--repeats 7] [--device auto|cpu|cuda]
+    python bench/se_overhead.py [--batch 8] [--repeats 7] --device cpu|cuda
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import time
 
 import torch
 
-from ablations.train import resolve_device
-from benchlib import device_name, sync
+from benchlib import DEVICE_HELP, bench_device, device_name, sync
 from senet import build_model, complexity
 
 
@@ -36,10 +35,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", required=True, help=DEVICE_HELP)
     ap.add_argument("--size", type=int, default=224)
     args = ap.parse_args()
-    device = resolve_device(args.device)
+    device = bench_device(args.device)
     torch.manual_seed(0)
     models = {
         "ResNet-50": build_model(dict(arch="resnet50")).to(device),

@@ -1,6 +1,6 @@
 """Training speed: a plain PyTorch CIFAR-10 loop vs the harness trainer, side by side (issue #6).
 
-    python bench/train_speed.py [--quick] [--device auto|cpu|cuda] [--data-root ../shared/data]
+    python bench/train_speed.py [--quick] --device cpu|cuda [--data-root ../shared/data]
                                 [--epochs N] [--accuracy] [--workers-per-gpu-sweep 1,2,4]
                                 [--json-out PATH]
 
@@ -50,9 +50,10 @@ from torch import nn  # noqa: E402
 import benchlib  # noqa: E402  (bench/benchlib.py)
 import se_overhead  # noqa: E402  (bench/se_overhead.py: step_time)
 from ablations.config import ExperimentConfig, TrainConfig  # noqa: E402
-from ablations.data import CIFAR10_MEAN, CIFAR10_STD, Dataset, default_cache_dir, load_dataset  # noqa: E402
+from ablations.data import (CIFAR10_MEAN, CIFAR10_STD, WORKERS_PER_DEVICE_ENV, Dataset, default_cache_dir,  # noqa: E402
+                           load_dataset)
 from ablations.fsutil import build_once  # noqa: E402
-from ablations.train import evaluate, lr_at, resolve_device, seed_everything  # noqa: E402
+from ablations.train import evaluate, lr_at, seed_everything  # noqa: E402
 from ablations.train import train as harness_train  # noqa: E402
 from senet import build_model, complexity  # noqa: E402
 
@@ -538,7 +539,7 @@ def single_main(args: argparse.Namespace) -> int:
     """--single: one harness process of the sweep. Trains until its first host sync (data upload,
     cuDNN algorithm choice and compilation are behind it then), prints READY, reads the common
     window 't_start t_end' (epoch seconds) from stdin, trains through it, prints 'RESULT <json>'."""
-    device = resolve_device(args.device)
+    device = benchlib.bench_device(args.device)
     root = Path(args.data_root)
     spec = MODELS[args.single_model]
     data = load_dataset("cifar10", root, test_size=args.single_test_size, train_size=args.single_train_size)
@@ -583,7 +584,9 @@ def workers_sweep(ks: Sequence[int], device: torch.device, root: Path, batch_siz
                "--single-test-size", str(test_size)]
         cmd += ["--single-train-size", str(train_size)] if train_size else []
         cmd += ["--compile"] if compile_ else []
-        procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(k)]
+        env = {**os.environ, WORKERS_PER_DEVICE_ENV: str(k)}  # as --workers-per-gpu K: data sized to 1/K of the GPU
+        procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                 for _ in range(k)]
         results: list[dict[str, Any]] = []
         try:
             ready = [_read_tagged(p, "READY") is not None for p in procs]
@@ -661,7 +664,7 @@ def parse_ks(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="steps mode on a subset; minutes on a 2-core CPU")
-    ap.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
+    ap.add_argument("--device", required=True, help=benchlib.DEVICE_HELP)
     ap.add_argument("--data-root", default="../shared/data")
     ap.add_argument("--epochs", type=int, help="epochs mode with N epochs (first one warm-up); default 3 on a GPU")
     ap.add_argument("--steps", type=int, help="steps mode: timed steps (default: 4 CPU quick, 10 CPU, 50 GPU)")
@@ -710,8 +713,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.single:
         return single_main(args)
     t0 = time.perf_counter()
-    device = resolve_device(args.device)
+    device = benchlib.bench_device(args.device)
     cuda = device.type == "cuda"
+    benchlib.preflight_cuda(device, args.compile)
     root = Path(args.data_root).expanduser().resolve()
     timing = choose_timing(args, cuda)
     workers = args.plain_workers if args.plain_workers is not None else (

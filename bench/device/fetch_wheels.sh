@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
-# Prepare what a GPU session carries to the offline device machine (run HERE, from the repo root,
-# on a machine that reaches the package registries):
+# Prepare the offline-GPU-host kit on a machine that reaches the package registries, from the repo root:
 #
-#   bash bench/device/fetch_wheels.sh
+#   bash bench/device/fetch_wheels.sh [--python 3.12] [--data DIR]
 #
-#   .whl/*.whl            the packages the device lacks for mlflow + optuna + pydantic (cp312,
-#                         manylinux x86_64 or pure Python), installed there by session.sh with
-#                         pip --no-index --no-deps --target /tmp/site
-#   .whl/fallback/*.whl   newer copies of packages the device HAS (typing-extensions, protobuf,
-#                         anyio); session.sh installs one only if the device's own version is
-#                         outside what the wheel set requires (check_env.py --fallbacks)
-#   device_carry/data/    cifar10-jpeg.tar.gz + imagenette-224-mini.tar.gz from ../shared/data
+#   .whl/*.whl            the packages a GPU host with torch but without internet usually lacks for
+#                         mlflow + optuna + pydantic (CPython --python, manylinux x86_64 or pure Python),
+#                         installed there by session.sh with pip --no-index --no-deps --target /tmp/site
+#   .whl/fallback/*.whl   newer copies of packages such a host usually HAS (typing-extensions, protobuf,
+#                         anyio); session.sh installs one only if the host's own version is outside what
+#                         the wheel set requires (check_env.py --fallbacks)
+#   DIR (offline_data/)   cifar10-jpeg.tar.gz + imagenette-224-mini.tar.gz from ../shared/data
 #
-# and makes sure /.whl/, /device_carry/ and /device_store/ are ignored (.git/info/exclude).
-# Then: carry [".whl", "device_carry"] (64 MiB in all per call, the working tree included).
+# and makes sure .whl/, offline_data/ and session.sh's gpu_store/ and gpu_results/ are ignored by git.
+# Then copy the repository with .whl/ and offline_data/ to the GPU host, by whatever means it offers.
 #
 # Versions are those installed on the machine that prepared this (Python 3.11 env, 2026-11-26):
-# mlflow 3.17.2, optuna 5.0.0, pydantic 2.13.4. The device (Python 3.12.3, torch 2.11) already has
-# numpy pandas pyarrow matplotlib scipy pyyaml rich jinja2 markupsafe click werkzeug requests urllib3
-# certifi idna charset-normalizer packaging protobuf cloudpickle psutil python-dateutil six
-# typing-extensions attrs filelock fsspec tqdm pillow sympy networkx zipp pyparsing anyio httpx h11 ...
+# mlflow 3.17.2, optuna 5.0.0, pydantic 2.13.4. The list assumes the host already has torch,
+# torchvision and the scientific stack: numpy pandas pyarrow matplotlib scipy pyyaml rich jinja2
+# markupsafe click werkzeug requests urllib3 certifi idna charset-normalizer packaging protobuf
+# cloudpickle psutil python-dateutil six typing-extensions attrs filelock fsspec tqdm pillow sympy
+# networkx zipp pyparsing anyio httpx h11 ... (check_env.py warns about any requirement it misses).
 #
 # mlflow-skinny instead of mlflow: the skinny wheel holds the same `mlflow` Python package (sqlite
 # store, migrations, MlflowClient); the full `mlflow` wheel adds the tracking server's web UI (11.5
@@ -30,12 +30,24 @@
 # probes databricks.agents), cryptography + cffi (the sqlite store imports cryptography.fernet).
 set -euo pipefail
 
+PYVER=3.12
+DATA_OUT=offline_data
+while [ $# -gt 0 ]; do
+  case $1 in
+    --python) PYVER=${2:-}; shift 2 ;;
+    --data) DATA_OUT=${2:-}; shift 2 ;;
+    -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+case $PYVER in 3.[0-9]|3.[0-9][0-9]) ;; *) echo "error: --python: expected e.g. 3.12, got '$PYVER'" >&2; exit 2 ;; esac
+[ -n "$DATA_OUT" ] || { echo "error: --data: empty path" >&2; exit 2; }
 ROOT=$(git rev-parse --show-toplevel 2>/dev/null || pwd)
 cd "$ROOT"
 SHARED=$(cd "${SHARED_DATA:-../shared/data}" && pwd)
 
 # The closure of mlflow-skinny + optuna + pydantic (hard requirements, markers for CPython 3.12 on
-# Linux x86_64) minus what the device already has.
+# Linux x86_64) minus what a GPU host with torch usually has.
 WHEELS=(
   mlflow-skinny==3.17.2
   optuna==5.0.0
@@ -70,7 +82,7 @@ WHEELS=(
   cffi==2.0.0
   pycparser==3.0
 )
-# Present on the device, at a version we cannot see from here; installed there only when too old.
+# Usually present on the host, at a version unknown here; installed there only when too old.
 FALLBACK=(
   typing-extensions==4.16.0   # pydantic-core needs >= 4.14.1
   protobuf==7.36.2            # opentelemetry-proto needs >= 5.0
@@ -79,13 +91,13 @@ FALLBACK=(
 
 download() {  # download DIR NAME==VERSION
   python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
-    --python-version 3.12 --implementation cp \
+    --python-version "$PYVER" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
     -d "$1" "$2" 2> >(grep -v "^WARNING: Location .* is ignored" >&2)
 }
 
-mkdir -p .whl/fallback device_carry/data
+mkdir -p .whl/fallback "$DATA_OUT"
 # Drop wheels that are no longer in the lists (a re-run after a version change).
 want=" $(printf '%s ' "${WHEELS[@]}" | tr '[:upper:]_' '[:lower:]-') "
 for f in .whl/*.whl; do
@@ -103,28 +115,22 @@ if [ "$n" -ne "${#WHEELS[@]}" ]; then
 fi
 
 for f in cifar10-jpeg.tar.gz imagenette-224-mini.tar.gz; do
-  if ! cmp -s "$SHARED/$f" "device_carry/data/$f"; then cp "$SHARED/$f" device_carry/data/; fi
+  if ! cmp -s "$SHARED/$f" "$DATA_OUT/$f"; then cp "$SHARED/$f" "$DATA_OUT/"; fi
 done
 if [ -f "$SHARED/SHA256SUMS" ]; then
-  (cd device_carry/data && grep -E "cifar10-jpeg.tar.gz|imagenette-224-mini.tar.gz" "$SHARED/SHA256SUMS" | sha256sum -c --quiet -) \
+  (cd "$DATA_OUT" && grep -E "cifar10-jpeg.tar.gz|imagenette-224-mini.tar.gz" "$SHARED/SHA256SUMS" | sha256sum -c --quiet -) \
     && echo "data: sha256 ok"
 fi
 
 exclude=$(git rev-parse --git-path info/exclude 2>/dev/null || echo .git/info/exclude)
 mkdir -p "$(dirname "$exclude")"
 touch "$exclude"
-for pat in /.whl/ /device_carry/ /device_store/; do
+for pat in /.whl/ "/${DATA_OUT#/}/" /gpu_store/ /gpu_results/; do
+  case $DATA_OUT in /*) [ "$pat" = "/${DATA_OUT#/}/" ] && continue ;; esac  # outside the repository
   grep -qxF "$pat" "$exclude" || echo "$pat" >> "$exclude"
-done
-for p in .whl device_carry device_store; do
-  git check-ignore -q "$p/x" || echo "warning: $p is not ignored by git" >&2
 done
 
 mib() { du -sb "$@" | awk '{s += $1} END {printf "%.1f", s / 1048576}'; }
 echo "wheels: $n in .whl/ ($(mib .whl/*.whl) MiB), $(ls .whl/fallback/*.whl | wc -l) in .whl/fallback/ ($(mib .whl/fallback) MiB)"
-echo "data:   device_carry/ $(mib device_carry) MiB"
-tree=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
-total=$(awk -v a="$(du -sb .whl | cut -f1)" -v b="$(du -sb device_carry | cut -f1)" -v t="$tree" 'BEGIN {printf "%.1f", (a + b + t) / 1048576}')
-echo "carry:  .whl + device_carry + working tree ($(awk -v t="$tree" 'BEGIN {printf "%.1f", t / 1048576}') MiB) = $total MiB of 64 MiB"
-awk -v t="$total" 'BEGIN {exit !(t > 64)}' && { echo "error: over the 64 MiB a call carries" >&2; exit 1; }
-exit 0
+echo "data:   $DATA_OUT/ $(mib "$DATA_OUT") MiB"
+echo "next:   copy the repository with .whl/ and $DATA_OUT/ to the GPU host; there: bash bench/device/session.sh --help"

@@ -1,39 +1,59 @@
 #!/usr/bin/env bash
-# One GPU session on the offline device machine, run there from the repo root:
+# Run the benchmarks and grids on a GPU host without internet, within a time budget, from the repo root:
 #
-#   bash bench/device/session.sh [STEP[@SECONDS]...]
+#   bash bench/device/session.sh [--budget SECONDS] [--out DIR] [--data DIR] [--store DIR] [STEP[@SECONDS]...]
 #
-# STEP:  check          check_env.py --torch again (always run once as the preflight anyway)
-#        bench          bench/train_speed.py --accuracy --workers-per-gpu-sweep 1,2,4  (+ $BENCH_ARGS)
-#        loaders        bench/imagefolder_loader.py --device cuda                     (+ $LOADERS_ARGS)
-#        grid:NAME      /usr/bin/time -v run_ablation.py --grid NAME                  (+ $GRID_ARGS);
-#                       for NAME=reduction followed by the step analyze:reduction when the grid
-#                       finished (exit 0); after a timed-out grid, run grid:reduction again next call
-#        analyze:NAME   run_ablation.py --grid NAME --analyze                         (+ $GRID_ARGS)
-# @SECONDS caps that step (default: check 120, bench 420, loaders 150, grid 480, analyze 150); every
-# step is also capped by what is left of $SESSION_BUDGET (default 540 s from the start of this
-# script, minus 25 s kept for packing), so the script ends before a run call's timeout_s=600.
-# A step that fails or runs out of time does not stop the next one.
+# --budget SECONDS  wall time for the whole run, setup included (default: none; each step keeps its own cap).
+#                   With a budget, 25 s are kept back for packing and a step with under 20 s left is skipped.
+# --out DIR         where the results go (default: gpu_results/): session.log, train_speed-gpu.json,
+#                   imagefolder_loader-gpu.json, store.tar.gz (the MLflow db + results/, no model weights)
+# --data DIR        the dataset archives (default: offline_data/, filled by fetch_wheels.sh)
+# --store DIR       the MLflow store, artifacts and decode cache on the host (default: gpu_store/); a second
+#                   run with the same store continues a grid (FINISHED cells are skipped)
+# --wheels DIR      the wheelhouse from fetch_wheels.sh (default: .whl/); installed into $SITE (/tmp/site)
 #
-# Needs (fetch_wheels.sh, carried as carry [".whl", "device_carry"]): .whl/*.whl, .whl/fallback/,
-# device_carry/data/{cifar10-jpeg,imagenette-224-mini}.tar.gz.
-# Writes into $OUT (at most 8 files come back): session.log (everything printed),
-# train_speed-gpu.json, imagefolder_loader-gpu.json, store.tar.gz (device_store/mlflow.db +
-# device_store/results/, without the mlartifacts/ weights; re-packed after every grid step).
-# device_store/ (MLflow store, artifacts, decode cache) stays on the machine while it is warm, so a
-# second call continues a grid: cells already FINISHED are skipped.
+# STEP:  check          check_env.py --torch and the harness preflight again
+#        bench          bench/train_speed.py --device cuda --accuracy --workers-per-gpu-sweep 1,2,4 (+ $BENCH_ARGS)
+#        loaders        bench/imagefolder_loader.py --device cuda                                  (+ $LOADERS_ARGS)
+#        grid:NAME      /usr/bin/time -v run_ablation.py --device cuda --grid NAME                 (+ $GRID_ARGS);
+#                       for NAME=reduction followed by analyze:reduction when the grid finished (exit 0)
+#        analyze:NAME   run_ablation.py --device cuda --grid NAME --analyze                        (+ $GRID_ARGS)
+# @SECONDS caps that step (default: check 120, bench 420, loaders 150, grid 480, analyze 150).
+# Before any step: the wheel set's check (check_env.py --torch) and `python -m ablations.preflight
+# --device cuda` (one real training step on the GPU and one write to the store); if the preflight
+# fails, no step runs. A step that fails or runs out of time does not stop the next one.
+# Every GPU step names --device cuda: a run that cannot use the GPU stops, it never trains on the CPU.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT" || exit 2
-OUT=${OUT:-$ROOT/device_out}
-mkdir -p "$OUT"
-LOG=$OUT/session.log
+BUDGET=0
+OUT_DIR=$ROOT/gpu_results
+DATA=$ROOT/offline_data
+STORE=$ROOT/gpu_store
+WHEELS=$ROOT/.whl
+STEPS=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --budget) BUDGET=${2:-}; shift 2 ;;
+    --out) OUT_DIR=${2:-}; shift 2 ;;
+    --data) DATA=${2:-}; shift 2 ;;
+    --store) STORE=${2:-}; shift 2 ;;
+    --wheels) WHEELS=${2:-}; shift 2 ;;
+    -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) STEPS+=("$1"); shift ;;
+  esac
+done
+case $BUDGET in ''|*[!0-9]*) echo "error: --budget: expected whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
+for d in OUT_DIR DATA STORE WHEELS; do
+  [ -n "${!d}" ] || { echo "error: an empty path for --out, --data, --store or --wheels" >&2; exit 2; }
+  case ${!d} in /*) ;; *) printf -v "$d" '%s/%s' "$ROOT" "${!d}" ;; esac  # absolute: steps run from the repo root
+done
+mkdir -p "$OUT_DIR" "$STORE" || { echo "error: cannot create $OUT_DIR or $STORE" >&2; exit 2; }
+LOG=$OUT_DIR/session.log
 SITE=${SITE:-/tmp/site}
-STORE=$ROOT/device_store
-DATA=device_carry/data
 T0=$(date +%s)
-SESSION_BUDGET=${SESSION_BUDGET:-540}
 PACK_RESERVE=25
 SUMMARY=()
 FAILED=0
@@ -49,24 +69,24 @@ say() { echo; echo "$(stamp) ==== $*"; }
 
 install_wheels() {
   local sig
-  sig=$(stat -c '%n %s' .whl/*.whl .whl/fallback/*.whl 2>/dev/null | md5sum | cut -c1-32)
+  sig=$(stat -c '%n %s' "$WHEELS"/*.whl "$WHEELS"/fallback/*.whl 2>/dev/null | md5sum | cut -c1-32)
   if [ -f "$SITE/.wheelset" ] && [ "$(cat "$SITE/.wheelset")" = "$sig" ]; then
     echo "wheels already installed in $SITE (same wheel set)"
     return 0
   fi
-  ls .whl/*.whl >/dev/null 2>&1 || { echo "ERROR: no .whl/*.whl: run bench/device/fetch_wheels.sh here and carry .whl"; return 1; }
+  ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "ERROR: no wheels in $WHEELS: run bench/device/fetch_wheels.sh on a machine with internet, copy $WHEELS here"; return 1; }
   rm -rf "$SITE"
-  if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl; then
+  if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl; then
     # No usable pip: none of these wheels has a .data/ folder, so unzipping them is the same install.
     echo "WARNING: pip install failed; unzipping the wheels into $SITE instead"
     rm -rf "$SITE"
-    python3 -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' "$SITE" .whl/*.whl \
-      || { echo "ERROR: could not install .whl/*.whl"; return 1; }
+    python3 -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' "$SITE" "$WHEELS"/*.whl \
+      || { echo "ERROR: could not install $WHEELS/*.whl"; return 1; }
   fi
-  echo "installed $(ls .whl/*.whl | wc -l) wheels into $SITE"
+  echo "installed $(ls "$WHEELS"/*.whl | wc -l) wheels into $SITE"
   # Packages the device has but too old (or too new) for the wheel set: shadow them from $SITE.
   local fb
-  fb=$(PYTHONPATH=$SITE python3 bench/device/check_env.py --fallbacks .whl/fallback)
+  fb=$(PYTHONPATH=$SITE python3 bench/device/check_env.py --fallbacks "$WHEELS/fallback")
   if [ -n "$fb" ]; then
     # shellcheck disable=SC2086
     { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $fb \
@@ -76,19 +96,21 @@ install_wheels() {
   echo "$sig" > "$SITE/.wheelset"
 }
 
-# run_step LABEL DEFAULT_BUDGET REQUESTED_BUDGET CMD...
+# run_step LABEL DEFAULT_CAP REQUESTED_CAP CMD...
 run_step() {
   local label=$1 default=$2 budget=${3:-$2} left rc start
   shift 3
-  case $budget in ''|*[!0-9]*) echo "bad budget '$budget' for $label: using ${default}s"; budget=$default ;; esac
-  left=$(( T0 + SESSION_BUDGET - PACK_RESERVE - $(now) ))
-  if [ "$left" -lt 20 ]; then
-    say "$label: SKIPPED (only ${left}s left of SESSION_BUDGET=${SESSION_BUDGET}s)"
-    SUMMARY+=("$(printf '%-22s %6s %5s  %s' "$label" "-" "-" "skipped: out of session budget")")
-    LAST_RC=skipped
-    return 0
+  case $budget in ''|*[!0-9]*) echo "bad cap '$budget' for $label: using ${default}s"; budget=$default ;; esac
+  if [ "$BUDGET" -gt 0 ]; then
+    left=$(( T0 + BUDGET - PACK_RESERVE - $(now) ))
+    if [ "$left" -lt 20 ]; then
+      say "$label: SKIPPED (only ${left}s left of --budget ${BUDGET}s)"
+      SUMMARY+=("$(printf '%-22s %6s %5s  %s' "$label" "-" "-" "skipped: out of budget")")
+      LAST_RC=skipped
+      return 0
+    fi
+    [ "$budget" -gt "$left" ] && budget=$left
   fi
-  [ "$budget" -gt "$left" ] && budget=$left
   say "$label (timeout ${budget}s): $*"
   start=$(now)
   "${RESET_INT[@]}" timeout --signal=INT --kill-after=20 "$budget" "$@"
@@ -105,39 +127,38 @@ run_step() {
   SUMMARY+=("$(printf '%-22s %6ss %5s  %s' "$label" "$wall" "$rc" "$verdict")")
 }
 
-pack_store() {
+pack_store() {  # the MLflow db, results/ and any Optuna journal as one tarball; weights stay on the host
   [ -d "$STORE" ] || return 0
-  local items=() size
+  local items=()
   [ -f "$STORE/mlflow.db" ] && items+=(mlflow.db)
   [ -d "$STORE/results" ] && items+=(results)
   ls "$STORE"/optuna-journal.log* >/dev/null 2>&1 && items+=($(cd "$STORE" && ls optuna-journal.log*))
   [ ${#items[@]} -gt 0 ] || return 0
-  tar -czf "$OUT/store.tar.gz" -C "$STORE" "${items[@]}"
-  size=$(stat -c %s "$OUT/store.tar.gz")
-  echo "$(stamp) packed $OUT/store.tar.gz: ${items[*]} ($(awk -v s="$size" 'BEGIN {printf "%.2f", s/1048576}') MiB;" \
-       "mlflow.db $(du -h "$STORE/mlflow.db" 2>/dev/null | cut -f1), mlartifacts/ left out: $(du -sh "$STORE/mlartifacts" 2>/dev/null | cut -f1))"
-  if [ "$size" -ge $(( 16 * 1048576 )) ]; then
-    echo "WARNING: store.tar.gz is over 16 MiB and will not come back; packing results/ alone, the db stays on the machine"
-    tar -czf "$OUT/store.tar.gz" -C "$STORE" results
-  fi
+  tar -czf "$OUT_DIR/store.tar.gz" -C "$STORE" "${items[@]}"
+  echo "$(stamp) packed $OUT_DIR/store.tar.gz: ${items[*]} ($(du -h "$OUT_DIR/store.tar.gz" | cut -f1);" \
+       "model weights left out: $(du -sh "$STORE/mlartifacts" 2>/dev/null | cut -f1))"
 }
 
 grid_cmd() {  # grid_cmd NAME [--analyze]: sets CMD (GRID_ARGS is split on spaces)
-  CMD=(python3 run_ablation.py --grid "$1" ${2:-} --data-root "$DATA" --tracking-uri "sqlite:///$STORE/mlflow.db"
-       --results-dir "$STORE/results")
+  CMD=(python3 run_ablation.py --device cuda --grid "$1" ${2:-} --data-root "$DATA"
+       --tracking-uri "sqlite:///$STORE/mlflow.db" --results-dir "$STORE/results")
   # shellcheck disable=SC2206
   CMD+=(${GRID_ARGS:-})
   if [ -x /usr/bin/time ] && [ -z "${2:-}" ]; then CMD=(/usr/bin/time -v "${CMD[@]}"); fi
 }
 
+# The wheel set, then one real training step on the GPU and one write to the store (a command, for `timeout`).
+PREFLIGHT=(bash -c 'python3 bench/device/check_env.py --torch --wheels "$1" &&
+  python3 -m ablations.preflight --device cuda --tracking-uri "sqlite:///$2/mlflow.db"' preflight "$WHEELS" "$STORE")
+
 main() {
-  say "session on $(hostname 2>/dev/null || cat /etc/hostname 2>/dev/null), steps: ${*:-<none: preflight only>}; SESSION_BUDGET=${SESSION_BUDGET}s"
+  say "GPU run on $(hostname 2>/dev/null || cat /etc/hostname 2>/dev/null), steps: ${STEPS[*]:-<none: preflight only>};" \
+      "budget ${BUDGET}s (0: none); results in $OUT_DIR"
   export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
   export PYTHONUNBUFFERED=1 MPLBACKEND=Agg MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true GIT_PYTHON_REFRESH=quiet
   export SENET_ABLATIONS_CACHE=${SENET_ABLATIONS_CACHE:-$STORE/cache}
-  mkdir -p "$STORE"
 
-  say "setup: wheels -> $SITE"
+  say "setup: wheels $WHEELS -> $SITE"
   install_wheels || FAILED=$(( FAILED + 1 ))
   export PYTHONPATH=$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}
   echo "PYTHONPATH=$PYTHONPATH"
@@ -147,27 +168,31 @@ main() {
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv 2>/dev/null
   echo "python3: $(command -v python3) $(python3 --version 2>&1); CPUs: $(nproc); $(free -g | awk '/Mem:/ {print $2 " GiB RAM"}')"
   df -h "$ROOT" /tmp 2>/dev/null | sed 1d
-  ls -la "$DATA" 2>/dev/null || echo "WARNING: $DATA missing: carry device_carry (fetch_wheels.sh)"
+  ls -la "$DATA" 2>/dev/null || echo "WARNING: $DATA missing (fetch_wheels.sh fills it; or pass --data DIR)"
   python3 -c "import torch, torchvision; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cuDNN', torch.backends.cudnn.version(), 'torchvision', torchvision.__version__, 'GPUs', torch.cuda.device_count())"
 
-  run_step preflight 120 "" python3 bench/device/check_env.py --torch
+  run_step preflight 180 "" "${PREFLIGHT[@]}"
+  if [ "$LAST_RC" != 0 ]; then
+    say "preflight failed: no step runs (the cause is above)"
+    STEPS=()
+  fi
 
   local spec step budget name
-  for spec in "$@"; do
+  for spec in "${STEPS[@]}"; do
     step=${spec%@*}
     budget=""
     [ "$step" != "$spec" ] && budget=${spec##*@}
     case $step in
       check)
-        run_step check 120 "$budget" python3 bench/device/check_env.py --torch ;;
+        run_step check 120 "$budget" "${PREFLIGHT[@]}" ;;
       bench)
         # shellcheck disable=SC2086
-        run_step bench 420 "$budget" python3 bench/train_speed.py --data-root "$DATA" --workers-per-gpu-sweep 1,2,4 \
-          --accuracy --json-out "$OUT/train_speed-gpu.json" ${BENCH_ARGS:-} ;;
+        run_step bench 420 "$budget" python3 bench/train_speed.py --device cuda --data-root "$DATA" \
+          --workers-per-gpu-sweep 1,2,4 --accuracy --json-out "$OUT_DIR/train_speed-gpu.json" ${BENCH_ARGS:-} ;;
       loaders)
         # shellcheck disable=SC2086
         run_step loaders 150 "$budget" python3 bench/imagefolder_loader.py --device cuda --data-root "$DATA" \
-          --json-out "$OUT/imagefolder_loader-gpu.json" ${LOADERS_ARGS:-} ;;
+          --json-out "$OUT_DIR/imagefolder_loader-gpu.json" ${LOADERS_ARGS:-} ;;
       grid:*)
         name=${step#grid:}
         grid_cmd "$name"
@@ -190,15 +215,14 @@ main() {
   done
 
   pack_store
-  say "summary (wall per step; session $(( $(now) - T0 ))s of SESSION_BUDGET=${SESSION_BUDGET}s)"
+  say "summary (wall per step; $(( $(now) - T0 ))s in all, budget ${BUDGET}s)"
   printf '%-22s %7s %5s  %s\n' step wall rc verdict
   printf '%s\n' "${SUMMARY[@]}"
-  echo "files in \$OUT:"
-  ls -la "$OUT"
-  [ "$(ls "$OUT" | wc -l)" -le 8 ] || echo "WARNING: more than 8 files in \$OUT: only 8 come back"
+  echo "results in $OUT_DIR:"
+  ls -la "$OUT_DIR"
   echo "$(stamp) done: $FAILED step(s) failed or timed out"
   [ "$FAILED" -eq 0 ]
 }
 
-main "$@" 2>&1 | tee -a "$LOG"
+main 2>&1 | tee -a "$LOG"
 exit "${PIPESTATUS[0]}"
