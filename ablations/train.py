@@ -167,6 +167,10 @@ class _Compiled:
             import torch._dynamo
 
             torch._dynamo.reset()
+            for flag in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):  # older torch: fail_on_cache_limit_hit
+                if hasattr(torch._dynamo.config, flag):  # raise at the limit (caught below), never degrade quietly
+                    setattr(torch._dynamo.config, flag, True)
+                    break
             self.fn, self.status = torch.compile(model), "on"
             self.failures = _compile_failures()
             self.graphs_before = _graphs_compiled()
@@ -175,11 +179,8 @@ class _Compiled:
     def __call__(self, x: Tensor) -> Tensor:
         if self.fn is self.model:
             return self.model(x)
-        import torch._dynamo
-
         try:
-            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-                out = self.fn(x)
+            out = self.fn(x)
         except self.failures as exc:
             # Dynamo/inductor fail while tracing or compiling, before the graph runs; the batch is
             # then run eagerly (only BatchNorm statistics could see it twice, if tracing ran them).

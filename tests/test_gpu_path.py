@@ -306,3 +306,20 @@ def test_preflight_on_cuda_without_cuda_exits_2_with_the_cause(tmp_path):
     assert done.returncode == 2
     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("preflight failed: no CUDA"), done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path; this machine has CUDA")
+def test_a_grid_on_cuda_without_cuda_stops_at_the_preflight_before_any_cell(tmp_path, capsys):
+    import yaml
+
+    from ablations.cli import main
+
+    grids = {"defaults": {"dataset": {"name": "synthetic", "train_size": 32, "test_size": 16},
+                          "model": {"arch": "resnet20"}, "train": {"epochs": 1, "batch_size": 16}, "seeds": [0]},
+             "grids": {"one": {"description": "one cell", "axes": {"model.se.reduction": [4]}}}}
+    (tmp_path / "experiments.yaml").write_text(yaml.safe_dump(grids))
+    code = main(["--config", str(tmp_path / "experiments.yaml"), "--grid", "one", "--device", "cuda",
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--results-dir", str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert code == 2 and "preflight failed: no CUDA" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["experiments.yaml"]  # no store, no run, no report
