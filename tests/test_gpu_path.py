@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ablations.config import ExperimentConfig
-from ablations.data import Dataset, DeviceSplit, Split, iterate_batches
+from ablations.data import Dataset, DeviceSplit, Split, device_split, iterate_batches
 from ablations.train import CellFailed, seed_everything, train
 from senet import build_model
 
@@ -117,6 +117,8 @@ class _WatchSteps:
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_steps_move_nothing_between_host_and_device(device):
     data = _dataset(n_train=96)  # 6 steps of 16; steps 2-6 are watched
+    if device == "cuda":  # resident, the GPU's hot path (a split streamed from host memory copies by design)
+        device_split(data.train, device)
     cfg = _config(channels_last=True)
     watch = _WatchSteps(last=6)
     seed_everything(0)
