@@ -118,17 +118,24 @@ def _training_step(config, device: torch.device) -> str:
 
 
 def _store_write(tracking_uri: str) -> None:
-    """Create (or reuse) the preflight experiment, write one run, delete it: the store takes writes."""
+    """Write one run into a preflight experiment, then delete both: the store takes writes, and
+    `--report` (every experiment in the store) and the MLflow UI never see them."""
     try:
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri)
         found = client.get_experiment_by_name(PREFLIGHT_EXPERIMENT)
-        exp_id = found.experiment_id if found else client.create_experiment(PREFLIGHT_EXPERIMENT)
+        if found is None:
+            exp_id = client.create_experiment(PREFLIGHT_EXPERIMENT)
+        else:
+            exp_id = found.experiment_id
+            if found.lifecycle_stage == "deleted":
+                client.restore_experiment(exp_id)
         run = client.create_run(exp_id, tags={"preflight": "1"})
         client.log_metric(run.info.run_id, "preflight", 1.0)
         client.set_terminated(run.info.run_id, "FINISHED")
         client.delete_run(run.info.run_id)
+        client.delete_experiment(exp_id)
     except Exception as exc:  # noqa: BLE001 - sqlite, filesystem and server errors all mean "cannot write"
         text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise PreflightFailed(f"tracking store {tracking_uri} is not writable: {text}") from None

@@ -286,10 +286,16 @@ def test_preflight_trains_one_step_and_writes_the_store(tmp_path):
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
 
+    from ablations.preflight import _store_write
+
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("_preflight")
     runs = client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL)
     assert len(runs) == 1 and runs[0].info.lifecycle_stage == "deleted"  # written, then out of the way
+    assert exp.lifecycle_stage == "deleted" and "_preflight" not in {e.name for e in client.search_experiments()}
+    _store_write(f"sqlite:///{db}")  # the next preflight on the same store restores, writes, deletes again
+    assert len(client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL)) == 2
+    assert client.get_experiment(exp.experiment_id).lifecycle_stage == "deleted"
 
 
 def test_preflight_names_an_unwritable_store_in_one_line(tmp_path):
