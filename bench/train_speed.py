@@ -183,13 +183,18 @@ class WallWindow(_Window):
         now = time.time()
         if now < self.t_start:
             return
-        if now > self.t_end:
-            raise WindowDone  # keep the last point inside the window as `stop`
         point = (self.steps, self.images, now)
-        if self.start is None:
+        if self.start is None:  # the first sync point at or after t_start
             self.start = point
-        else:
+            return
+        if now <= self.t_end:
             self.stop = point
+            return
+        # Past the window. On a loaded machine a window may hold fewer than two sync points:
+        # stretch it to this one rather than fail, so the measurement is slow, never missing.
+        if self.stop is None:
+            self.stop = point
+        raise WindowDone  # keep the last point inside the window as `stop`
 
 
 class HarnessObserver:
