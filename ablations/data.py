@@ -5,18 +5,23 @@ cached as .npy under ``cache_dir`` (images reopened with ``mmap_mode='r'``). Tra
 those arrays directly, moves the batch to the device and augments the whole batch there
 (see ``ablations.augment``). On CUDA a split that fits is made resident on the GPU once.
 
+Image-folder trees scale past RAM: images are decoded once, at the training resolution (the
+shorter side resized to round(image_size * 8/7), ~1.15x the crop), in bounded chunks written
+straight into the cache's .npy file, with streaming channel statistics; only the selected
+``classes`` are decoded. Peak RSS while building or training does not grow with the dataset
+(bench/data_scaling.py measures it).
+
 Archives (.tar.gz) are decoded straight from the tar stream rather than extracted first:
 extracting CIFAR-10's 60k files with tarfile alone took ~20 s, twice the decode, and would
 leave loose files in the cache. Nothing is ever written next to the source.
 
 Normalisation constants: cifar10/cifar100 use the standard published per-channel constants
 (so every subset and source - torchvision pickles or the JPEG copy - normalises identically);
-imagefolder and synthetic use mean/std computed from the (subset) train split.
+image-folder trees and synthetic use mean/std computed from the (subset) train split.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -25,6 +30,7 @@ import os
 import shutil
 import sys
 import tarfile
+import tempfile
 import time
 import weakref
 from collections import deque
@@ -35,6 +41,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
+from filelock import FileLock
 from torch import Tensor
 
 from ablations import augment
@@ -44,7 +51,7 @@ __all__ = [
     "device_split", "clear_device_cache", "default_cache_dir", "CIFAR10_CLASSES",
 ]
 
-CACHE_VERSION = 1  # bump when the on-disk layout or decode rules change
+CACHE_VERSION = 2  # bump when the on-disk layout or decode rules change
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -108,12 +115,8 @@ def _file_fingerprint(path: Path) -> list:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
-def _tree_fingerprint(root: Path) -> str:
-    """Hash of every file's relative path, size and mtime: a changed tree re-decodes.
-
-    Directory mtimes alone miss edits deep in the tree; stat-ing all files is cheap (~0.1 s
-    for 60k) compared with decoding them.
-    """
+def _dir_fingerprint(root: Path) -> str:
+    """Hash of every file's relative path, size and mtime under ``root`` (a few pickles for CIFAR)."""
     h = hashlib.sha256(str(root.resolve()).encode())
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -122,23 +125,6 @@ def _tree_fingerprint(root: Path) -> str:
             st = os.stat(p)
             h.update(f"{os.path.relpath(p, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive inter-process lock so concurrent runs decode a dataset once, not N times."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            import fcntl
-        except ImportError:  # non-POSIX: atomic renames alone still keep the cache consistent
-            yield
-            return
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _publish_dir(tmp: Path, final: Path) -> None:
@@ -209,25 +195,40 @@ def _read_cache(src: Path) -> _Decoded:
     return _Decoded(tuple(meta.pop("classes")), splits["train"], splits["test"], meta)
 
 
-def _cached(cache_dir: Path, tag: str, key: dict, decode: Callable[[], _Decoded]) -> _Decoded:
-    """Return the cached decode for ``key``, running ``decode`` (once, under a lock) on a miss."""
+def _build_cached(cache_dir: Path, tag: str, key: dict, build: Callable[[Path], None]) -> _Decoded:
+    """Return the cache entry for ``key``; on a miss run ``build(tmp_dir)`` once, under a lock.
+
+    ``build`` writes {train,test}_{images,labels}.npy and meta.json into the temp dir, which is
+    then renamed into place: a killed build leaves only a temp dir, removed by the next one.
+    """
     final = cache_dir / f"{tag}-{_hash_key(key)}"
     if (final / "meta.json").is_file():
         return _read_cache(final)
-    with _file_lock(cache_dir / f".{final.name}.lock"):
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # One lock per entry, so concurrent runs decode a dataset once, not N times.
+    with FileLock(str(cache_dir / f".{final.name}.lock")):
         if not (final / "meta.json").is_file():  # another process may have finished meanwhile
-            dec = decode()
             tmp = _fresh_tmp(final)
-            _write_cache(tmp, dec)
-            (tmp / "key.json").write_text(json.dumps(key, indent=1))  # for humans inspecting it
+            try:
+                build(tmp)
+                (tmp / "key.json").write_text(json.dumps(key, indent=1))  # for humans inspecting it
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             _publish_dir(tmp, final)
     return _read_cache(final)
+
+
+def _cached(cache_dir: Path, tag: str, key: dict, decode: Callable[[], _Decoded]) -> _Decoded:
+    """_build_cached for decoders that hold the (small) dataset in memory: CIFAR pickles, synthetic."""
+    return _build_cached(cache_dir, tag, key, lambda tmp: _write_cache(tmp, decode()))
 
 
 # --------------------------------------------------------------------------- image decoding
 
 _Key = tuple[str, str, str]  # (split folder: train/val/test, class folder, file name)
 _EVAL_SPLITS = ("val", "test")  # the first one present is the test split
+_CHUNK_BYTES = 64 << 20  # bounded working set for statistics passes over a memmap
 
 
 def _stored_size(image_size: int | None) -> tuple[int | None, str | None]:
@@ -264,97 +265,188 @@ def _is_image(filename: str) -> bool:
     return os.path.splitext(filename)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _tree_items(tree: Path) -> list[tuple[_Key, Path]]:
-    """Image files of ``tree/{train, val|test}/<class>/`` in sorted order."""
-    eval_dir = next(d for d in _EVAL_SPLITS if (tree / d).is_dir())
-    items: list[tuple[_Key, Path]] = []
-    for split in ("train", eval_dir):
-        for cls in sorted(e.name for e in os.scandir(tree / split) if e.is_dir() and not e.name.startswith(".")):
-            files = sorted(e.name for e in os.scandir(tree / split / cls) if e.is_file() and _is_image(e.name))
-            items += [((split, cls, f), tree / split / cls / f) for f in files]
-    return items
+@dataclass(frozen=True)
+class _Listing:
+    """What a tree or archive holds, known before any pixel is decoded."""
+
+    all_classes: tuple[str, ...]  # every class folder of train/, sorted
+    classes: tuple[str, ...]  # the classes to decode, in label order
+    items: dict[str, list[_Key]]  # 'train' / 'test' -> keys in storage order (label, file name)
+
+    def labels(self, split: str) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.classes)}
+        return np.array([index[c] for _, c, _ in self.items[split]], dtype=np.int64)
 
 
-def _archive_items(name: str, archive: Path) -> Iterator[tuple[_Key, bytes]]:
-    """Stream ``[<top>/]{train,val,test}/<class>/<file>`` members straight out of a tar archive.
+def _class_spec(wanted: Sequence[str | int] | None) -> list | None:
+    """``dataset.classes`` as a JSON-able cache-key part (order matters: it is the label order)."""
+    return None if wanted is None else [int(c) if isinstance(c, (int, np.integer)) else str(c) for c in wanted]
+
+
+def _select(name: str, all_classes: tuple[str, ...], wanted: Sequence[str | int] | None) -> tuple[str, ...]:
+    return tuple(all_classes[i] for i in _resolve_classes(name, all_classes, wanted))
+
+
+def _finish_listing(name: str, where: str, all_classes: tuple[str, ...], eval_split: str | None,
+                    files: dict[tuple[str, str], list[str]], wanted: Sequence[str | int] | None,
+                    empty: Sequence[str] = ()) -> _Listing:
+    """Checks shared by trees and archives; ``files``: (split, class) -> sorted image file names."""
+    if not all_classes or eval_split is None:
+        raise _fail(name, f"{where} needs images under train/<class>/ and val/<class>/ or test/<class>/")
+    unknown = sorted({c for s, c in files if s == eval_split} - set(all_classes))
+    if unknown:
+        raise _fail(name, f"{where}: {eval_split}/ has classes missing from train/: {', '.join(unknown[:8])}"
+                          f"{' ...' if len(unknown) > 8 else ''}")
+    chosen = _select(name, all_classes, wanted)
+    for split in ("train", eval_split):
+        for cls in chosen:
+            if (split, cls) in files and not files[split, cls] or f"{split}/{cls}" in empty:
+                raise _fail(name, f"empty class folder {where}/{split}/{cls} (no image files)")
+    items = {
+        s: [(split, c, f) for c in chosen for f in files.get((split, c), [])]
+        for s, split in (("train", "train"), ("test", eval_split))
+    }
+    for s, split in (("train", "train"), ("test", eval_split)):
+        if not items[s]:
+            raise _fail(name, f"no images under {where}/{split}/ for the selected classes")
+    return _Listing(all_classes, chosen, items)
+
+
+def _scan(name: str, folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        raise _fail(name, f"cannot list {folder}: {_short(exc)}") from exc
+
+
+def _list_tree(name: str, tree: Path, wanted: Sequence[str | int] | None) -> _Listing:
+    """Class folders of ``tree/{train, val|test}/``; only the selected classes' files are listed."""
+    eval_split = next((d for d in _EVAL_SPLITS if (tree / d).is_dir()), None)
+    dirs = {s: [e.name for e in _scan(name, tree / s) if e.is_dir() and not e.name.startswith(".")]
+            for s in ("train", eval_split) if s is not None}
+    all_classes = tuple(dirs.get("train", ()))
+    chosen = set(_select(name, all_classes, wanted)) if all_classes else set()
+    files: dict[tuple[str, str], list[str]] = {}
+    for split, classes in dirs.items():
+        for cls in classes:
+            if split == eval_split and cls not in all_classes:
+                files[split, cls] = []  # reported as unknown by _finish_listing
+            elif cls in chosen:
+                files[split, cls] = [e.name for e in _scan(name, tree / split / cls)
+                                     if _is_image(e.name) and e.is_file()]
+    return _finish_listing(name, str(tree), all_classes, eval_split, files, wanted)
+
+
+def _tree_fingerprint(tree: Path, listing: _Listing) -> str:
+    """Hash of the listed files' relative paths, sizes and mtimes: a changed file re-decodes.
+
+    Only the files that are decoded are stat-ed (ImageNet-100 out of a full ImageNet tree stats
+    130k files, not 1.3M); that is cheap next to decoding them.
+    """
+    h = hashlib.sha256(str(tree.resolve()).encode())
+    h.update(json.dumps(listing.all_classes).encode())
+    for split in _SPLITS:
+        for key in listing.items[split]:
+            st = os.stat(tree.joinpath(*key))
+            h.update(f"{'/'.join(key)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _archive_walk(name: str, archive: Path, read: frozenset[_Key] | None = None,
+                  unsafe: list[str] | None = None) -> Iterator[tuple[_Key, bytes | None]]:
+    """Stream ``[<top>/]{train,val,test}/<class>/<file>`` members of a tar archive, in archive order.
 
     Decoding from the stream avoids extracting tens of thousands of small files (Python's
     tarfile needs ~20 s just to extract CIFAR-10) and never writes next to the source.
+    ``read``: the keys whose bytes are wanted (others are yielded with None, i.e. listed only).
+    Directory members come out as (split, class, '') so empty class folders can be told apart.
+    ``unsafe`` collects the names of members never looked at: absolute or '..' paths, links, devices.
     """
     top: tuple[str, ...] | None = None
     try:
         with tarfile.open(archive, "r|*") as tf:
             for m in tf:
-                parts = tuple(p for p in PurePosixPath(m.name).parts if p not in (".", "/"))
-                if not m.isfile() or len(parts) not in (3, 4) or not _is_image(parts[-1]):
+                path = PurePosixPath(m.name)
+                parts = tuple(p for p in path.parts if p != ".")
+                if path.is_absolute() or ".." in parts or not (m.isfile() or m.isdir()):
+                    if unsafe is not None:
+                        unsafe.append(m.name)
                     continue
-                if parts[-3] not in ("train", *_EVAL_SPLITS) or parts[-2].startswith(".") or ".." in parts:
+                depth = 2 if m.isdir() else 3
+                if len(parts) not in (depth, depth + 1) or parts[-depth] not in ("train", *_EVAL_SPLITS):
+                    continue
+                if parts[-depth + 1].startswith(".") or (m.isfile() and not _is_image(parts[-1])):
+                    continue
+                if m.isdir():
+                    if top is None or parts[:-2] == top:
+                        yield (parts[-2], parts[-1], ""), None
                     continue
                 if top is None:
                     top = parts[:-3]
                 elif parts[:-3] != top:
                     raise _fail(name, f"archive {archive} holds more than one tree ({'/'.join(top)}, "
                                       f"{'/'.join(parts[:-3])})")
-                fh = tf.extractfile(m)
-                if fh is not None:
-                    yield (parts[-3], parts[-2], parts[-1]), fh.read()
+                key = (parts[-3], parts[-2], parts[-1])
+                if read is not None and key in read:
+                    fh = tf.extractfile(m)
+                    yield key, fh.read() if fh is not None else b""
+                else:
+                    yield key, None
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise _fail(name, f"cannot read archive {archive}: {_short(exc)}") from exc
 
 
-def _decode_items(name: str, items: Iterable[tuple[_Key, Path | bytes]], side: int | None,
-                  where: str, total: int | None = None) -> dict[_Key, np.ndarray]:
-    """Decode every item, in a thread pool when images are large (PIL releases the GIL)."""
-    out: dict[_Key, np.ndarray] = {}
-    tick = _progress(f"decoding {name} from {where}", total)
-
-    def run(chunk: list[tuple[_Key, Path | bytes]]) -> list[tuple[_Key, np.ndarray]]:
-        res = []
-        for key, src in chunk:
-            try:
-                res.append((key, _decode_one(src, side)))
-            except Exception as exc:  # PIL raises many types; name the file
-                raise _fail(name, f"cannot decode {where}/{'/'.join(key)}: {_short(exc)}") from exc
-        return res
-
-    it = iter(items)
-    first = next(it, None)
-    if first is None:
-        raise _fail(name, f"no images found in {where}")
-    out.update(run([first]))
-    shape = next(iter(out.values())).shape
-    # Tiny images (CIFAR) cost mostly per-call Python overhead under the GIL: threads measured
-    # slower there. Larger ones spend their time in libjpeg/resize and do scale.
-    small = shape[0] * shape[1] <= CIFAR_STYLE_MAX_PX ** 2
-    workers, step = (1, 1024) if small else (min(8, os.cpu_count() or 1), 32)
-    pending: deque[Future] = deque()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        def drain(limit: int) -> None:
-            while len(pending) > limit:  # bounded in-flight work keeps memory flat
-                out.update(pending.popleft().result())
-                tick(len(out))
-
-        chunk: list[tuple[_Key, Path | bytes]] = []
-        for item in it:
-            chunk.append(item)
-            if len(chunk) == step:
-                pending.append(pool.submit(run, chunk))
-                chunk = []
-                drain(2 * workers)
-        if chunk:
-            pending.append(pool.submit(run, chunk))
-        drain(0)
-    tick(len(out), final=True)
-    return out
+def _list_archive(name: str, archive: Path, wanted: Sequence[str | int] | None) -> _Listing:
+    """First pass over an archive: member names only (no pixels decoded, no bytes kept)."""
+    unsafe: list[str] = []
+    files: dict[tuple[str, str], list[str]] = {}
+    dirs: set[tuple[str, str]] = set()
+    for (split, cls, fn), _ in _archive_walk(name, archive, unsafe=unsafe):
+        if fn:
+            files.setdefault((split, cls), []).append(fn)
+        else:
+            dirs.add((split, cls))
+    if unsafe:  # never extracted, but say so: a silently smaller dataset is worse than a warning
+        print(f"warning: dataset {name}: skipped {len(unsafe)} unsafe member(s) of {archive} "
+              f"(absolute path, '..', link or device), e.g. {unsafe[0]!r}", file=sys.stderr, flush=True)
+    eval_split = next((e for e in _EVAL_SPLITS if any(s == e for s, _ in files)), None)
+    all_classes = tuple(sorted({c for s, c in files if s == "train"} | {c for s, c in dirs if s == "train"}))
+    empty = [f"{s}/{c}" for s, c in dirs if (s, c) not in files and s in ("train", eval_split)]
+    for k in files:
+        files[k].sort()
+    return _finish_listing(name, str(archive), all_classes, eval_split, files, wanted, empty)
 
 
-def _channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Exact per-channel mean/std in [0, 1] units from 256-bin histograms, chunked over a memmap."""
-    hist = np.zeros((3, 256), dtype=np.int64)
-    for s in range(0, images.shape[0], chunk):
-        x = np.asarray(images[s : s + chunk])
-        for c in range(3):
-            hist[c] += np.bincount(x[..., c].ravel(), minlength=256)
+class _NpyWriter:
+    """A uint8 (N, H, W, 3) .npy filled in place with pwrite, in any order.
+
+    Plain writes, not a writable memmap: dirty mapped pages would count toward the process's RSS
+    until written back, so RSS would grow with the dataset. Written pages sit in the page cache.
+    """
+
+    def __init__(self, path: Path, n: int, shape: tuple[int, ...]) -> None:
+        self.shape, self.item = shape, int(np.prod(shape))
+        self.fh = open(path, "wb")
+        np.lib.format.write_array_header_1_0(
+            self.fh, {"descr": "|u1", "fortran_order": False, "shape": (n, *shape)})
+        self.offset = self.fh.tell()
+        self.fh.truncate(self.offset + n * self.item)  # sparse until written
+        self.written = np.zeros(n, dtype=bool)
+
+    def write(self, i: int, img: np.ndarray) -> None:
+        os.pwrite(self.fh.fileno(), np.ascontiguousarray(img).data, self.offset + i * self.item)
+        self.written[i] = True
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _histogram(img: np.ndarray) -> np.ndarray:
+    return np.stack([np.bincount(img[..., c].ravel(), minlength=256) for c in range(3)])
+
+
+def _stats_from_hist(hist: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     count = hist.sum(1)
     if count.min() == 0:
         return (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -364,38 +456,107 @@ def _channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[tuple[float, 
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
-def _assemble(name: str, decoded: dict[_Key, np.ndarray], where: str) -> _Decoded:
-    """Turn {(split, class, file): image} into sorted train/test arrays; classes = train folders."""
-    classes = tuple(sorted({c for s, c, _ in decoded if s == "train"}))
-    eval_split = next((e for e in _EVAL_SPLITS if any(s == e for s, _, _ in decoded)), None)
-    if not classes or eval_split is None:
-        raise _fail(name, f"{where} needs images under train/<class>/ and val/<class>/ or test/<class>/")
-    extra = sorted({c for s, c, _ in decoded if s == eval_split} - set(classes))
-    if extra:
-        raise _fail(name, f"{where}: {eval_split}/ has classes missing from train/: {', '.join(extra)}")
-    index = {c: i for i, c in enumerate(classes)}
-    splits = []
-    for split in ("train", eval_split):
-        keys = sorted((k for k in decoded if k[0] == split), key=lambda k: (index[k[1]], k[2]))
-        shape = decoded[keys[0]].shape
-        images = np.empty((len(keys), *shape), dtype=np.uint8)
-        for i, k in enumerate(keys):
-            img = decoded.pop(k)  # pop: frees each small array as the big one fills
+def _decode_image_tree(name: str, src: Path, listing: _Listing, side: int | None, dst: Path) -> None:
+    """Decode the listed images of a tree (or tar archive of one) straight into the cache's .npy files.
+
+    RAM stays bounded whatever the dataset's size: images go from a bounded queue of decoded
+    chunks to their row of the on-disk array; channel statistics are streaming 256-bin histograms.
+    """
+    where = str(src)
+    pos = {key: (s, i) for s in _SPLITS for i, key in enumerate(listing.items[s])}
+    total = len(pos)
+    if src.is_file():
+        items: Iterable[tuple[_Key, Path | bytes]] = (
+            (k, b) for k, b in _archive_walk(name, src, read=frozenset(pos)) if b is not None)
+    else:
+        items = ((k, src.joinpath(*k)) for s in _SPLITS for k in listing.items[s])
+    tick = _progress(f"decoding {name} from {where}", total)
+    writers: dict[str, _NpyWriter] = {}
+    hist = np.zeros((3, 256), dtype=np.int64)
+    done = 0
+
+    def run(chunk: list[tuple[_Key, Path | bytes]]) -> tuple[list[tuple[_Key, np.ndarray]], np.ndarray]:
+        res, h = [], np.zeros((3, 256), dtype=np.int64)
+        for key, item in chunk:
+            try:
+                img = _decode_one(item, side)
+            except Exception as exc:  # PIL and the OS raise many types; name the file
+                raise _fail(name, f"cannot read {where}/{'/'.join(key)}: {_short(exc)}") from exc
+            if pos[key][0] == "train":
+                h += _histogram(img)
+            res.append((key, img))
+        return res, h
+
+    def store(result: tuple[list[tuple[_Key, np.ndarray]], np.ndarray]) -> None:
+        nonlocal hist, done
+        res, h = result
+        for key, img in res:
+            if not writers:
+                for s in _SPLITS:
+                    writers[s] = _NpyWriter(dst / f"{s}_images.npy", len(listing.items[s]), img.shape)
+            shape = writers["train"].shape
             if img.shape != shape:
                 raise _fail(name, f"images differ in size ({shape[1]}x{shape[0]} vs {img.shape[1]}x"
-                                  f"{img.shape[0]} at {where}/{'/'.join(k)}); pass image_size")
-            images[i] = img
-        splits.append(Split(images, np.array([index[k[1]] for k in keys], dtype=np.int64)))
-    mean, std = _channel_stats(splits[0].images)
-    return _Decoded(classes, splits[0], splits[1], {"mean": mean, "std": std})
+                                  f"{img.shape[0]} at {where}/{'/'.join(key)}); pass image_size")
+            s, i = pos[key]
+            writers[s].write(i, img)
+        hist += h
+        done += len(res)
+        tick(done)
+
+    it = iter(items)
+    try:
+        first = next(it, None)
+        if first is None:
+            raise _fail(name, f"no images found in {where}")
+        store(run([first]))
+        shape = writers["train"].shape
+        # Tiny images (CIFAR) cost mostly per-call Python overhead under the GIL: threads measured
+        # slower there. Larger ones spend their time in libjpeg/resize and do scale.
+        small = shape[0] * shape[1] <= CIFAR_STYLE_MAX_PX ** 2
+        workers, step = (1, 1024) if small else (min(8, os.cpu_count() or 1), 32)
+        pending: deque[Future] = deque()
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            def drain(limit: int) -> None:
+                while len(pending) > limit:  # bounded in-flight work keeps memory flat
+                    store(pending.popleft().result())
+
+            chunk: list[tuple[_Key, Path | bytes]] = []
+            try:
+                for item in it:
+                    chunk.append(item)
+                    if len(chunk) == step:
+                        pending.append(pool.submit(run, chunk))
+                        chunk = []
+                        drain(2 * workers)
+                if chunk:
+                    pending.append(pool.submit(run, chunk))
+                drain(0)
+            finally:
+                for f in pending:
+                    f.cancel()
+        tick(done, final=True)
+        missing = [s for s in _SPLITS if not writers[s].written.all()]
+        if missing:  # e.g. the archive was replaced between the listing and the decoding pass
+            raise _fail(name, f"{where} changed while it was decoded; run again")
+    finally:
+        for w in writers.values():
+            w.close()
+    for s in _SPLITS:
+        np.save(dst / f"{s}_labels.npy", listing.labels(s))
+    mean, std = _stats_from_hist(hist)
+    (dst / "meta.json").write_text(json.dumps({
+        "mean": mean, "std": std, "all_classes": list(listing.all_classes), "classes": list(listing.classes)}))
 
 
-def _decode_image_tree(name: str, src: Path, side: int | None) -> _Decoded:
-    """Decode an image-folder tree (a directory or a tar archive of one) at ``side`` (None: native)."""
-    if src.is_file():
-        return _assemble(name, _decode_items(name, _archive_items(name, src), side, str(src)), str(src))
-    items = _tree_items(src)
-    return _assemble(name, _decode_items(name, items, side, str(src), total=len(items)), str(src))
+def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Exact per-channel mean/std in [0, 1] units from 256-bin histograms, in bounded chunks."""
+    hist = np.zeros((3, 256), dtype=np.int64)
+    per_image = max(1, int(np.prod(images.shape[1:])))
+    chunk = max(1, _CHUNK_BYTES // per_image)
+    for s in range(0, images.shape[0], chunk):
+        hist += _histogram(np.asarray(images[s : s + chunk]))
+    return _stats_from_hist(hist)
 
 
 def _find_tree(base: Path) -> Path | None:
@@ -412,23 +573,33 @@ def _find_tree(base: Path) -> Path | None:
 # --------------------------------------------------------------------------- sources
 
 
-def _load_image_tree(name: str, path: Path, cache_dir: Path, side: int | None) -> tuple[_Decoded, str]:
-    """Cached decode of a tree directory or a tar archive of one.
+def _load_image_tree(name: str, path: Path, cache_dir: Path, side: int | None,
+                     wanted: Sequence[str | int] | None = None) -> tuple[_Decoded, str]:
+    """Cached decode of a tree directory or a tar archive of one, of the ``wanted`` classes only.
 
     The cache tag comes from the source, so 'cifar10' and 'imagefolder' on the same archive
-    share one decode.
+    share one decode. An archive is listed (one streaming pass over member names) only on a miss.
     """
     resize = side if side is not None else "native"
+    spec = _class_spec(wanted)
     if path.is_file():
-        key = {"kind": "archive", "src": _file_fingerprint(path), "resize": resize}
+        key = {"kind": "archive", "src": _file_fingerprint(path), "resize": resize, "classes": spec}
         tag, source = path.name.split(".")[0], f"jpeg-archive:{path}"
+
+        def build(tmp: Path) -> None:
+            _decode_image_tree(name, path, _list_archive(name, path, wanted), side, tmp)
     else:
         tree = _find_tree(path)
         if tree is None:
             raise _fail(name, f"{path} has no train/ and val/ or test/ folders")
-        key = {"kind": "tree", "src": str(tree.resolve()), "fp": _tree_fingerprint(tree), "resize": resize}
-        tag, source, path = tree.resolve().name, f"jpeg-tree:{tree}", tree
-    return _cached(cache_dir, tag, key, lambda: _decode_image_tree(name, path, side)), source
+        listing = _list_tree(name, tree, wanted)
+        key = {"kind": "tree", "src": str(tree.resolve()), "fp": _tree_fingerprint(tree, listing),
+               "resize": resize, "classes": spec}
+        tag, source = tree.resolve().name, f"jpeg-tree:{tree}"
+
+        def build(tmp: Path) -> None:
+            _decode_image_tree(name, tree, listing, side, tmp)
+    return _build_cached(cache_dir, tag, key, build), source
 
 
 _TV_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -450,7 +621,7 @@ def _decode_torchvision_cifar(name: str, root: Path) -> _Decoded:
 
 def _load_torchvision_cifar(name: str, root: Path, cache_dir: Path) -> _Decoded:
     tv_dir = root / _TV_DIRS[name]
-    key = {"kind": "torchvision", "src": str(tv_dir.resolve()), "fp": _tree_fingerprint(tv_dir)}
+    key = {"kind": "torchvision", "src": str(tv_dir.resolve()), "fp": _dir_fingerprint(tv_dir)}
     return _cached(cache_dir, name, key, lambda: _decode_torchvision_cifar(name, root))
 
 
@@ -485,15 +656,29 @@ def _load_cifar(name: str, root: Path, cache_dir: Path, image_size: int | None,
     looked = f"{_TV_DIRS[name]}" + (", cifar10-jpeg/, cifar10-jpeg.tar.gz" if name == "cifar10" else "")
     if not download:
         raise _fail(name, f"not found under {root} (looked for {looked}) and download=False")
+    # A missing root is created only once the download worked (it goes to a scratch folder in
+    # the cache first): a mistyped --data-root must not leave a directory tree behind.
+    scratch: Path | None = None
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        _torchvision_cifar(name, root, download=True)  # downloads + verifies; then cache as usual
+        target = root
+        if not root.is_dir():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=f".download-{name}-", dir=cache_dir))
+            target = scratch
+        _torchvision_cifar(name, target, download=True)  # downloads + verifies; then cache as usual
+        if scratch is not None:
+            root.mkdir(parents=True, exist_ok=True)
+            for p in scratch.iterdir():
+                shutil.move(str(p), str(root / p.name))
         return _load_torchvision_cifar(name, root, cache_dir), f"torchvision:{root}"
     except Exception as exc:  # network, permissions, checksum: all reported the same way
         if isinstance(exc, DataError):
             raise
         raise _fail(name, f"not found under {root} (looked for {looked}) "
                           f"and download failed: {_short(exc)}") from exc
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _synthetic(seed: int, per_class: tuple[int, int], n_classes: int = 10, side: int = 32) -> _Decoded:
@@ -602,17 +787,49 @@ def _cifar_source(name: str, root: Path, cache: Path, image_size: int | None, do
     return _Source(dec, source, "cifar", 32, stats)
 
 
-def _imagefolder_source(root: Path, cache: Path, image_size: int | None) -> _Source:
-    name = "imagefolder"
+# Image-folder trees under a well-known name: the name goes into runs, cell ids and reports, so
+# Imagenette and Imagewoof runs of one grid are never mistaken for each other.
+IMAGE_TREES = {"imagefolder": None, "imagenette": 10, "imagewoof": 10, "imagenet": None}  # name -> classes
+
+
+def _imagefolder_source(name: str, root: Path, cache: Path, image_size: int | None,
+                        classes: Sequence[str | int] | None) -> _Source:
     if not root.exists():
         raise _fail(name, f"root {root} does not exist")
     side, style = _stored_size(image_size)
-    dec, source = _load_image_tree(name, root, cache, side)
+    dec, source = _load_image_tree(name, root, cache, side, classes)
+    n_all = len(dec.meta.get("all_classes", dec.classes))
+    if IMAGE_TREES[name] is not None and n_all != IMAGE_TREES[name]:
+        raise _fail(name, f"{root} has {n_all} class folders, {name} has {IMAGE_TREES[name]} "
+                          "(use dataset.name: imagefolder for other trees)")
     _, h, w, _ = dec.train.images.shape
     if h != w:
         raise _fail(name, f"images under {root} are {w}x{h}, not square; pass image_size")
     style = style or ("cifar" if h <= CIFAR_STYLE_MAX_PX else "imagenet")
     return _Source(dec, source, style, image_size or h, None)
+
+
+def read_class_list(path: str | Path, root: str | Path | None = None, name: str = "dataset") -> list[str]:
+    """Class ids from a text file (e.g. ImageNet-100's 100 WordNet ids), in label order.
+
+    One class per line, its first word (so 'n01440764 tench' works); blank lines and '#' comments
+    are skipped. A relative path is looked up in the working directory, then under ``root``.
+    """
+    p = Path(path).expanduser()
+    tried = [p]
+    if not p.is_absolute() and not p.is_file() and root is not None:
+        tried.append(Path(root).expanduser() / p)
+        p = tried[-1]
+    if not p.is_file():
+        raise _fail(name, f"classes: no class list file {' or '.join(map(str, tried))}")
+    try:
+        lines = p.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(name, f"classes: cannot read {p}: {_short(exc)}") from exc
+    ids = [line.split("#", 1)[0].split()[0] for line in lines if line.split("#", 1)[0].strip()]
+    if not ids:
+        raise _fail(name, f"classes: {p} lists no class")
+    return ids
 
 
 def _synthetic_source(seed: int, n_classes: int, train_size: int, test_size: int,
@@ -628,7 +845,7 @@ def load_dataset(
     name: str,
     root: str | Path,
     *,
-    classes: Sequence[str | int] | None = None,
+    classes: Sequence[str | int] | str | Path | None = None,
     train_size: int | None = None,
     test_size: int | None = None,
     subset_seed: int = 0,
@@ -638,26 +855,37 @@ def load_dataset(
 ) -> Dataset:
     """Load (decoding + caching on first use) a dataset and take the requested subset.
 
-    ``classes``: names or indices into the full class list; labels become 0..k-1 in that order.
+    ``classes``: names or indices into the full class list, or the path of a class list file
+    (``read_class_list``); labels become 0..k-1 in that order. Image-folder trees decode only
+    these classes.
     ``train_size``/``test_size``: total images per split, stratified, deterministic in subset_seed.
     ``image_size`` (imagefolder): None keeps the native size if all images share one square size
     (style 'imagenet' above 64 px then crops/evaluates at that full size); otherwise images are
     stored at round(size * 8/7) (style 'imagenet') or at ``image_size`` itself when that stored
     size would be <= 64 px (style 'cifar').
-    ``synthetic`` ignores ``root`` and defaults to 512 train / 256 test images.
+    imagenette / imagewoof / imagenet are image-folder trees under their own name (10, 10, any
+    number of classes). ``synthetic`` ignores ``root`` and defaults to 512 train / 256 test images.
     """
     root = Path(root).expanduser().resolve()  # absolute, so `source` and errors are unambiguous
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if isinstance(classes, (str, Path)):
+        classes = read_class_list(classes, root, name)
     if name in ("cifar10", "cifar100"):
         src = _cifar_source(name, root, cache, image_size, download)
-    elif name == "imagefolder":
-        src = _imagefolder_source(root, cache, image_size)
+    elif name in IMAGE_TREES:
+        src = _imagefolder_source(name, root, cache, image_size, classes)
+        # Only the selected classes were decoded, stored in label order; indices meant the full list.
+        every = src.decoded.meta.get("all_classes", src.decoded.classes)
+        classes = None if classes is None else [
+            every[c] if isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c < len(every) else c
+            for c in classes]
     elif name == "synthetic":
         train_size = 512 if train_size is None else train_size
         test_size = 256 if test_size is None else test_size
         src = _synthetic_source(subset_seed, len(classes) if classes else 10, train_size, test_size, image_size)
     else:
-        raise _fail(name, "unknown dataset name (expected cifar10, cifar100, imagefolder or synthetic)")
+        raise _fail(name, "unknown dataset name (expected cifar10, cifar100, synthetic, "
+                          f"or an image-folder tree: {', '.join(IMAGE_TREES)})")
 
     dec = src.decoded
     keep = _resolve_classes(name, dec.classes, classes)

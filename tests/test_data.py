@@ -32,9 +32,9 @@ def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     real = data._decode_image_tree
 
-    def counting(name, src, side):
+    def counting(name, src, *args):
         calls.append(str(src))
-        return real(name, src, side)
+        return real(name, src, *args)
 
     monkeypatch.setattr(data, "_decode_image_tree", counting)
     return calls
