@@ -7,6 +7,7 @@ Real-data tests use conftest's re-packed subset of the real CIFAR-10 JPEG archiv
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tarfile
 from collections import Counter
@@ -413,3 +414,127 @@ def test_iterate_batches_augments_dtype_layout_and_device_split():
     xs_dev, _ = _epoch(ds, resident, **kw)
     assert all(torch.equal(a, b) for a, b in zip(xs, xs_dev))
     assert data.device_split(ds.train, "cpu") is data.device_split(ds.train, "cpu")
+
+
+# --------------------------------------------------------------------------- bad trees, subsets, scaling
+
+
+def _tar(tree: Path, archive: Path, top: str, extra: list[tarfile.TarInfo] = ()) -> Path:
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(tree, arcname=top)
+        for info in extra:
+            tf.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
+    return archive
+
+
+def _one_line_error(fn, *args, **kw) -> str:
+    with pytest.raises(DataError) as err:
+        fn(*args, **kw)
+    msg = str(err.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_empty_class_folder_is_an_error_naming_it(tmp_path, split):
+    # Before: a class folder without images was silently dropped, and the model trained on fewer classes.
+    tree = _write_tree(tmp_path / "tree")
+    (tree / "train" / "c").mkdir()
+    (tree / split / "c").mkdir(exist_ok=True)
+    (tree / split / "c" / "notes.txt").write_text("not an image")
+    if split == "val":
+        from PIL import Image
+
+        Image.new("RGB", (8, 8)).save(tree / "train" / "c" / "0.png")
+    msg = _one_line_error(load_dataset, "imagefolder", tree, cache_dir=tmp_path / "cache")
+    assert f"empty class folder {tree.resolve()}/{split}/c" in msg
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("tree-*"))  # nothing cached
+    # The same tree as an archive, where the empty folder is a bare directory member.
+    (tree / split / "c" / "notes.txt").unlink()
+    archive = _tar(tree, tmp_path / "t.tar.gz", "t")
+    assert f"empty class folder {archive.resolve()}/{split}/c" in _one_line_error(
+        load_dataset, "imagefolder", archive, cache_dir=tmp_path / "cache")
+
+
+def test_unreadable_image_is_an_error_naming_the_file(tmp_path):
+    tree = _write_tree(tmp_path / "tree")
+    (tree / "train" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    msg = _one_line_error(load_dataset, "imagefolder", tree, cache_dir=tmp_path / "cache")
+    assert msg.startswith("dataset imagefolder: cannot read ") and msg.count("train/b/broken.png") == 1
+    assert not list((tmp_path / "cache").glob("tree-*"))  # a failed build leaves no cache entry
+    assert not list((tmp_path / "cache").glob(".tree-*.tmp-*"))
+
+
+def test_val_split_with_unknown_class_is_an_error(tmp_path):
+    tree = _write_tree(tmp_path / "tree")
+    (tree / "val" / "zebra").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tree / "val" / "zebra" / "0.png")
+    msg = _one_line_error(load_dataset, "imagefolder", tree, cache_dir=tmp_path / "cache")
+    assert "val/ has classes missing from train/: zebra" in msg
+
+
+def test_unsafe_archive_members_are_reported_not_silently_skipped(tmp_path, capfd):
+    tree = _write_tree(tmp_path / "src")
+    evil = tarfile.TarInfo("../evil.png")
+    evil.size = 4
+    link = tarfile.TarInfo("t/train/a/link.png")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    archive = _tar(tree, tmp_path / "t.tar.gz", "t", [evil, link])
+    ds = load_dataset("imagefolder", archive, cache_dir=tmp_path / "cache")
+    assert ds.train.images.shape == (6, 8, 8, 3)  # the safe members, and only those
+    err = capfd.readouterr().err
+    warning = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "skipped 2 unsafe member(s)" in warning[0] and "'../evil.png'" in warning[0]
+
+
+def test_mistyped_data_root_creates_no_directory(tmp_path):
+    # Before: the download path ran root.mkdir(parents=True) first, so a typo left the tree behind.
+    typo = tmp_path / "dtaa" / "cifar"
+    msg = _one_line_error(load_dataset, "cifar10", typo, cache_dir=tmp_path / "cache")  # download=True, offline
+    assert str(typo) in msg and not (tmp_path / "dtaa").exists()
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".download")]
+    msg = _one_line_error(load_dataset, "imagenette", typo, cache_dir=tmp_path / "cache")
+    assert "does not exist" in msg and not (tmp_path / "dtaa").exists()
+
+
+@needs_imagenette
+def test_class_subset_decodes_only_those_classes_and_reads_a_class_list(tmp_path, monkeypatch):
+    full = load_dataset("imagenette", IMAGENETTE_TGZ, image_size=64, cache_dir=tmp_path / "full")
+    picked = [full.classes[7], full.classes[2]]
+    listfile = tmp_path / "two.txt"
+    listfile.write_text(f"# an ImageNet-100-style list: one WordNet id per line\n{picked[0]} seven\n\n{picked[1]}\n")
+    monkeypatch.chdir(tmp_path)
+    by_file = load_dataset("imagenette", IMAGENETTE_TGZ, classes="two.txt", image_size=64, cache_dir=tmp_path / "sub")
+    by_list = load_dataset("imagenette", IMAGENETTE_TGZ, classes=picked, image_size=64, cache_dir=tmp_path / "sub")
+    for ds in (by_file, by_list):
+        assert ds.classes == tuple(picked) and ds.name == "imagenette"
+        assert np.bincount(ds.train.labels).tolist() == [40, 40] and len(ds.test) == 20
+        assert isinstance(ds.train.images, np.memmap)  # the on-disk cache itself, not a RAM copy
+    # Only the two classes were decoded: the cache entry holds 80 + 20 images, not 400 + 100.
+    (entry,) = [p for p in (tmp_path / "sub").iterdir() if not p.name.startswith(".")]
+    assert np.load(entry / "train_images.npy", mmap_mode="r").shape == (80, 73, 73, 3)
+    assert np.load(entry / "test_images.npy", mmap_mode="r").shape == (20, 73, 73, 3)
+    # Same pixels and labels as the same classes picked out of the full decode.
+    sub = load_dataset("imagenette", IMAGENETTE_TGZ, classes=[7, 2], image_size=64, cache_dir=tmp_path / "full")
+    assert np.array_equal(np.asarray(sub.train.images), np.asarray(by_file.train.images))
+    assert np.array_equal(sub.train.labels, by_file.train.labels) and sub.mean == pytest.approx(by_file.mean)
+    assert "no class list file" in _one_line_error(load_dataset, "imagenette", IMAGENETTE_TGZ, classes="nope.txt",
+                                                   cache_dir=tmp_path / "sub")
+    listfile.write_text("n99999999\n")
+    assert "unknown class 'n99999999'" in _one_line_error(
+        load_dataset, "imagenette", IMAGENETTE_TGZ, classes=str(listfile), cache_dir=tmp_path / "sub")
+
+
+def test_streaming_statistics_match_the_whole_array(tmp_path):
+    tree = _write_tree(tmp_path / "tree", sizes={f"train/a/{i}": (8, 8) for i in range(3)})
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(3):  # noisy pixels, so mean and std are not trivial
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tree / "train" / "b" / f"{i}.png")
+    ds = load_dataset("imagefolder", tree, cache_dir=tmp_path / "cache")
+    x = np.asarray(ds.train.images, dtype=np.float64) / 255
+    assert ds.mean == pytest.approx(tuple(x.mean((0, 1, 2))), abs=1e-9)
+    assert ds.std == pytest.approx(tuple(x.std((0, 1, 2))), abs=1e-9)
