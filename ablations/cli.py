@@ -93,11 +93,13 @@ def _dry_run(grids: list[tuple[str, list[Cell]]], as_json: bool) -> None:
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'grid':12s} {'variant':24s} {'seed':>4s}  {'cell_id':16s} {'Params':>9s} {'GFLOPs':>8s}")
+    w = max([12, *(len(r["grid"]) for r in rows)])
+    print(f"{'grid':{w}s} {'variant':24s} {'seed':>4s}  {'cell_id':16s} {'Params':>9s} {'+BN':>9s} {'GFLOPs':>8s} {'px':>4s}")
     for r in rows:
-        print(f"{r['grid']:12s} {r['variant']:24s} {r['seed']:>4d}  {r['cell_id']:16s} "
-              f"{r['params'] / 1e6:8.3f}M {r['gflops']:8.4f}")
-    print(f"{len(rows)} cells (GFLOPs = multiply-adds at the input size shown by --json)")
+        print(f"{r['grid']:{w}s} {r['variant']:24s} {r['seed']:>4d}  {r['cell_id']:16s} "
+              f"{r['params'] / 1e6:8.3f}M {r['caffe_params'] / 1e6:8.3f}M {r['gflops']:8.4f} {r['input_size']:>4d}")
+    print(f"{len(rows)} cells. Params: trainable; +BN: also BatchNorm statistics, as the paper's Params column "
+          "counts them; GFLOPs: multiply-adds (G) at px x px input")
 
 
 def _report_or_analyze(args: argparse.Namespace, exps: ExperimentsFile) -> int:
@@ -162,9 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         exps, grids = _cells(args)
         if args.list:
+            w = max(12, *map(len, exps.grids))
             for name, grid in exps.grids.items():
                 table = f" [Table {grid.paper_table}]" if grid.paper_table else ""
-                print(f"{name:12s}{table:11s} {grid.description}")
+                print(f"{name:{w}s}{table:11s} {grid.description}")
             return EXIT_OK
         if args.dry_run:
             _dry_run(grids, args.json)

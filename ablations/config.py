@@ -98,13 +98,17 @@ Overrides = dict[str, Any]  # a partial section, validated once merged into a fu
 
 
 class DatasetConfig(_Strict):
-    name: Literal["cifar10", "cifar100", "imagefolder", "synthetic"] = "cifar10"
+    # imagenette, imagewoof, imagenet: image-folder trees under their own name, so that runs, cell
+    # ids and reports tell them apart (root is left out of cell ids: it is where, not what).
+    name: Literal["cifar10", "cifar100", "imagefolder", "imagenette", "imagewoof", "imagenet", "synthetic"] = "cifar10"
     root: str = "data"
-    classes: Annotated[list[str | int], Field(min_length=1), AfterValidator(_unique)] | None = None
+    # class names or indices, or the path of a class list file (one id per line, e.g. ImageNet-100)
+    classes: Annotated[list[str | int], Field(min_length=1), AfterValidator(_unique)] | Annotated[
+        str, Field(min_length=1)] | None = None
     train_size: PositiveInt | None = None  # a seeded random subset (subset_seed) when set
     test_size: PositiveInt | None = None
     subset_seed: int = 0
-    image_size: PositiveInt | None = None  # None: the dataset's own size
+    image_size: PositiveInt | None = None  # None: the dataset's own size; image trees: the crop (128, 160, 224)
     download: bool = True
 
 

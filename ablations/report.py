@@ -396,6 +396,7 @@ class Context:
     left_out: int = 0
     differing: tuple[str, ...] = ()
     preset: str | None = None  # the runs were trained with this --preset
+    image_size: int | None = None  # the resolution the model saw (px), when known
     other_presets: tuple[str, ...] = ()  # presets (or "" for none) with finished runs not shown here
 
 
@@ -424,6 +425,8 @@ def caption(summary: pd.DataFrame, layout: Layout, ctx: Context) -> list[str]:
     ns = summary["n"]
     out = [ctx.description.rstrip(".") + "."] if ctx.description else []
     setting = f"Setting: {ctx.arch or 'model'} on {ctx.dataset}"
+    if ctx.image_size:
+        setting += f" at {ctx.image_size}x{ctx.image_size} px"
     if ctx.train_size:
         setting += f" ({ctx.train_size} training images)"
     if ctx.epochs:
@@ -569,6 +572,14 @@ def preset_cells(frame: pd.DataFrame, grid: str, preset: str | None) -> tuple[pd
     return cells.loc[mine], tuple(sorted(set(cells.loc[~mine, "preset"])))
 
 
+def _resolution(runs: pd.DataFrame, dataset: str) -> int | None:
+    """The input size of the runs: dataset.image_size, else the native 32 px of the CIFAR-size datasets."""
+    sizes = pd.to_numeric(_column(runs, "params.dataset.image_size"), errors="coerce").dropna()
+    if len(sizes):
+        return int(sizes.iloc[0])
+    return 32 if dataset in ("cifar10", "cifar100", "synthetic") else None
+
+
 def build_report(frame: pd.DataFrame, grid: str, dataset: str | None = None, *,
                  grid_config: GridConfig | None = None, description: str = "",
                  default_dataset: str = "unknown", default_arch: str | None = None,
@@ -601,7 +612,7 @@ def build_report(frame: pd.DataFrame, grid: str, dataset: str | None = None, *,
         epochs=int(epochs.iloc[0]) if len(epochs) else None,
         train_size=str(train_size.iloc[0]) if len(train_size) else None,
         data_sources=tuple(sorted(set(runs["data_source"].dropna()))),
-        left_out=chosen.left_out, differing=chosen.differing, preset=preset)
+        left_out=chosen.left_out, differing=chosen.differing, preset=preset, image_size=_resolution(runs, dataset))
     return GridReport(grid, dataset, runs, layout, summary, to_markdown(summary, layout, ctx), to_latex(summary, layout, ctx),
                       preset)
 

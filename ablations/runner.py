@@ -18,6 +18,7 @@ from ablations.train import CellFailed, EpochStats, seed_everything, train
 from senet import build_model, complexity, se_blocks
 
 _KNOWN_CLASSES = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
+_IMAGE_TREE_CLASSES = {"imagenette": 10, "imagewoof": 10, "imagenet": 1000}  # 224 px unless image_size
 
 
 class CellAborted(Exception):
@@ -38,6 +39,13 @@ def with_num_classes(config: ExperimentConfig, num_classes: int) -> ExperimentCo
 
 def expected_num_classes(ds: DatasetConfig, fallback: int) -> int:
     """The class count of a dataset without loading it (for --dry-run)."""
+    if isinstance(ds.classes, str):  # a class list file (ImageNet-100)
+        from ablations.data import DataError, read_class_list
+
+        try:
+            return len(read_class_list(ds.classes, ds.root, ds.name))
+        except DataError:
+            return fallback
     if ds.classes:
         return len(ds.classes)
     if ds.name in _KNOWN_CLASSES:
@@ -45,7 +53,7 @@ def expected_num_classes(ds: DatasetConfig, fallback: int) -> int:
     train_dir = Path(ds.root) / "train"
     if train_dir.is_dir():
         return sum(p.is_dir() for p in train_dir.iterdir())
-    return fallback
+    return _IMAGE_TREE_CLASSES.get(ds.name, fallback)
 
 
 def expected_image_size(ds: DatasetConfig) -> int:

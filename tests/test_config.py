@@ -48,7 +48,7 @@ def error_of(tmp_path: Path, text: str) -> str:
 
 def test_shipped_grids_expand(shipped):
     sizes = {"reduction": 6, "squeeze": 2, "excitation": 3, "stage": 6, "integration": 4, "se_3x3": 2, "nosqueeze": 3}
-    assert list(shipped.grids) == list(sizes)
+    assert list(shipped.grids) == list(sizes) + [f"imagenet_{g}" for g in sizes]  # tests/test_imagenet_grids.py
     for name, n_variants in sizes.items():
         grid = shipped.grids[name]
         assert grid.description and 10 <= grid.paper_table <= 16
