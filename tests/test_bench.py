@@ -146,3 +146,17 @@ def test_device_kit_scripts_parse():
         done = subprocess.run(["bash", "-n", str(BENCH / "device" / script)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
     compile((BENCH / "device" / "check_env.py").read_text(), "check_env.py", "exec")
+
+
+def test_data_scaling_measurements_are_well_formed(tmp_path):
+    scaling = _load_bench("data_scaling")
+    pool = scaling.make_tree(tmp_path / "pool", 40)
+    tree = scaling.link_tree(pool, tmp_path / "t20", 20)
+    assert len(list((tree / "train").rglob("*.jpg"))) == 20 and (tree / "train" / "c0" / "000000.jpg").is_symlink()
+    for what in ("harness-decode", "harness-epoch", "dataloader"):
+        row = scaling.measure(tree, what, 32, tmp_path / "cache", workers=0, batch_size=4)
+        assert row["images"] in (20, 20 + 10 * scaling.VAL_PER_CLASS) and row["images_per_s"] > 0, row
+        assert row["peak_vmrss_mb"] >= row["peak_rssanon_mb"] > 0, row
+        if what == "harness-decode":
+            assert 32 * 32 * 3 <= row["cache_bytes_per_image"] < 32 * 32 * 3 + 16  # uint8 pixels + .npy headers
+    assert "| synthetic | 20 |" in scaling.table({"rows": [{**row, "data": "synthetic", "n_train": 20}]})
