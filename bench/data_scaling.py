@@ -4,7 +4,8 @@ peak memory, against the dataset's size, next to a torchvision ImageFolder + Dat
     python bench/data_scaling.py all [--scratch /tmp/data_scaling] [--sizes 10000,30000,100000]
                                      [--image-size 64] [--workers 2] [--json-out PATH]
     python bench/data_scaling.py make-tree --root DIR --n N          (the synthetic JPEG folder alone)
-    python bench/data_scaling.py measure --tree T --what W ...        (one measurement, JSON on stdout)
+    python bench/data_scaling.py measure --tree T --what W ...        (one measurement, JSON on stdout;
+                                     --impl DIR imports ablations from another checkout: before/after)
 
 `all` measures, each in a fresh process so that its peak memory is its own:
   harness-decode  ablations.data.load_dataset on a cold cache: JPEGs -> the uint8 .npy cache
@@ -296,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--cache", required=True)
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--impl", help="import ablations from this checkout instead (e.g. an older commit, for a before/after)")
     args = p.parse_args(argv)
+    if getattr(args, "impl", None):
+        sys.path.insert(0, str(Path(args.impl).resolve()))
     if args.cmd == "make-tree":
         print(make_tree(Path(args.root), args.n))
     elif args.cmd == "measure":
