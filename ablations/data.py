@@ -48,7 +48,7 @@ from ablations import augment
 
 __all__ = [
     "Split", "Dataset", "DataError", "DeviceSplit", "load_dataset", "iterate_batches",
-    "device_split", "clear_device_cache", "default_cache_dir", "CIFAR10_CLASSES",
+    "device_split", "clear_device_cache", "default_cache_dir", "read_class_list", "CIFAR10_CLASSES", "IMAGE_TREES",
 ]
 
 CACHE_VERSION = 2  # bump when the on-disk layout or decode rules change
