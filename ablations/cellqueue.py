@@ -37,7 +37,8 @@ def cell_status(trials: Sequence[FrozenTrial], retries: int, reset_failed: bool 
     """Where one cell stands, from its trials (oldest first); what to enqueue if anything.
 
     A trial FAILed by its own worker carries `failure_kind`: 'failed' (the cell failed: counts
-    against --retries) or 'interrupted' (Ctrl-C: does not count). A FAIL without it was failed by
+    against --retries) or 'interrupted' (Ctrl-C), 'preempted' (SIGTERM/SIGUSR1) or 'time_limit'
+    (checkpointed or not started; the next claim resumes it): these do not count. A FAIL without it was failed by
     another worker after its heartbeat stopped (the worker died): it does not count either.
     PRUNED trials are duplicates set aside at claim time and are ignored.
     """

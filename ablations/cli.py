@@ -1,7 +1,8 @@
 """run_ablation: train the cells of declarative SE ablation grids and track them in MLflow.
 
 `run_ablation.py worker --grid NAME --storage URL ...` joins a grid's workers (docs/distributed.md).
-Exit codes: 0 every cell done; 1 some cell failed (each is named); 2 bad input; 130 interrupted.
+Exit codes (ablations/exit_codes.py): 0 every cell done; 1 some cell failed (each is named); 2 bad input;
+75 preempted (SIGTERM/SIGUSR1: the running cell was checkpointed); 124 --time-limit reached; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 from ablations.config import Cell, ConfigError, ExperimentsFile, load_experiments, parse_seeds, resolve_cells
 from ablations.data import DataError
 from ablations.errors import BadInput
-from ablations.exit_codes import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK
+from ablations.checkpoint import add_checkpoint_options
+from ablations.exit_codes import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, EXIT_TIME_LIMIT
 from ablations.worker_options import add_parallel_options, wants_workers
 
 
@@ -27,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="run_ablation.py",
         description="Run SENet ablation grids from experiments.yaml: every cell (variant x seed) is trained, "
                     "evaluated and logged to MLflow; cells already FINISHED are skipped.",
-        epilog="Exit codes: 0 all cells done, 1 some cell failed, 2 bad input, 130 interrupted.",
+        epilog="Exit codes: 0 all cells done, 1 some cell failed, 2 bad input, 75 preempted (SIGTERM/SIGUSR1; "
+               "run again to resume), 124 --time-limit reached (run again to continue), 130 interrupted.",
     )
     p.add_argument("--config", default="experiments.yaml", metavar="PATH", help="experiments file (default: %(default)s)")
     p.add_argument("--grid", action="append", default=[], metavar="NAME", help="grid to run; repeat for several")
@@ -52,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", metavar="PATH",
                    help="where reports go (default: results, or results/presets/NAME with --preset NAME)")
     add_parallel_options(p)
+    add_checkpoint_options(p)
     return p
 
 
@@ -179,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_device(args.device)
         if args.report or args.analyze:
             return _report_or_analyze(args, exps)
+        from ablations.timelimit import arm
+
+        arm(args.time_limit, args.time_margin)  # a bad duration is bad input before anything runs
+
         from ablations.preflight import gate
 
         if code := gate(args, grids):  # on a GPU: one real step and one MLflow write, before any cell is claimed
@@ -195,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ablations.worker import run_here
 
             code = run_here(args, exps, grids)  # this process is the grid's one worker
+        if code in (EXIT_PREEMPTED, EXIT_TIME_LIMIT):  # the report waits for a run that finishes the grids
+            return code
         for name, _ in grids:
             _report_quietly(args.tracking_uri or default_tracking_uri(), name, exps, args.results_dir, args.preset)
         return code

@@ -131,6 +131,7 @@ class TrainConfig(_Strict):
     channels_last: Literal["auto"] | bool = "auto"
     compile: bool = False
     eval_batch_size: PositiveInt | None = None  # None: twice batch_size (no gradients to hold)
+    checkpoint_every: PositiveInt = 1  # epochs between checkpoints; not part of the cell id (NOT_IN_ID)
 
     @field_validator("nesterov")
     @classmethod
@@ -192,12 +193,13 @@ class ExperimentsFile(_Strict):
 # ----------------------------------------------------------------------------- cells
 
 
-def config_id(cfg: ExperimentConfig) -> str:
-    """16 hex digits naming a config: same config, same id, on any machine.
+# Not part of what was run: where the data lives, and how often a cell saves its progress.
+NOT_IN_ID = {"dataset": {"root", "download"}, "train": {"checkpoint_every"}}
 
-    Where the data lives (root, download) is not part of what was run, so it is left out.
-    """
-    data = cfg.model_dump(mode="json", exclude={"dataset": {"root", "download"}})
+
+def config_id(cfg: ExperimentConfig) -> str:
+    """16 hex digits naming a config: same config, same id, on any machine (NOT_IN_ID left out)."""
+    data = cfg.model_dump(mode="json", exclude=NOT_IN_ID)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

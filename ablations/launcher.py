@@ -18,7 +18,8 @@ from ablations.cellqueue import CellStatus, GridQueue, count
 from ablations.config import Cell, ExperimentsFile
 from ablations.progress import eta, fmt_duration
 from ablations.storage import default_storage, new_series
-from ablations.worker import sigterm_as_interrupt, open_grids
+from ablations.checkpoint import STOP, checkpoints_for
+from ablations.worker import open_grids
 from ablations.worker_options import check_args, gpus_for, worker_slots
 from ablations.worker_output import summary
 
@@ -43,7 +44,8 @@ class GridMonitor:
         done, total, running = count(statuses, "done", "failed"), len(statuses), count(statuses, "running")
         left = eta(time.perf_counter() - self.start, (done - self.done0) / max(1, total - self.done0))
         for t in ended:
-            what = "FINISHED" if t.state == TrialState.COMPLETE else "FAILED"
+            what = "FINISHED" if t.state == TrialState.COMPLETE else (
+                "STOPPED" if t.user_attrs.get("failure_kind") in ("preempted", "time_limit") else "FAILED")
             detail = (f"top-1 err {t.value:.2f}%" if t.state == TrialState.COMPLETE and t.value == t.value
                       else t.user_attrs.get("failure_reason", "worker stopped (heartbeat lost)"))
             if t.state == TrialState.FAIL and statuses.get(t.user_attrs.get("cell_id", ""), CellStatus("x")).state != "failed":
@@ -67,6 +69,12 @@ def _worker_argv(args: argparse.Namespace, tracking_uri: str, storage: str, work
                         ("--retries", args.retries), ("--series", series)):
         if value is not None:
             argv += [flag, str(value)]
+    argv += ["--checkpoint-dir", str(checkpoints_for(args, tracking_uri).root)]
+    if args.keep_checkpoints:
+        argv.append("--keep-checkpoints")
+    if STOP.limit is not None:  # what is left of the launcher's limit, less a margin for the launcher's own summing up
+        left = max(1.0, STOP.limit - STOP.margin - STOP.elapsed())
+        argv += ["--time-limit", f"{left:.1f}s", "--time-margin", f"{min(STOP.margin, left / 2):.1f}"]
     return argv
 
 
@@ -119,7 +127,7 @@ def _spawn(args: argparse.Namespace, slots: Sequence[str | None], tracking_uri: 
 
 def launch(args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]]) -> int:
     """`--workers N` (and/or --gpus): queue the grids, start N local workers, show progress."""
-    from ablations.exit_codes import EXIT_BAD_INPUT
+    from ablations.exit_codes import EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_TIME_LIMIT
     from ablations.runner import load_data
     from ablations.tracking import default_tracking_uri
 
@@ -134,24 +142,43 @@ def launch(args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[tupl
     slots = worker_slots(args.workers, gpus, args.workers_per_gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))[:todo]
 
     procs: list[subprocess.Popen] = []
-    previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
+    previous = STOP.install()  # SIGTERM/SIGUSR1 reach the workers as a preemption: each checkpoints its cell
+    forwarded = False
     try:
         where = _spawn(args, slots, tracking_uri, storage, series, procs)
         print(f"started {len(procs)} workers ({where}); queue {storage}", file=sys.stderr, flush=True)
         monitors = [GridMonitor(q, q.retries(args.retries), sys.stderr) for q in queues]
         while any(p.poll() is None for p in procs):
+            why = STOP.check()  # a signal, or the launcher's own stop point (the workers' comes a margin earlier)
+            if why is not None and not forwarded:
+                print(f"{why[1]}: passing it on to the workers", file=sys.stderr, flush=True)
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+                forwarded = True
             for m in monitors:
                 m.poll()
-            time.sleep(1.0)
+            time.sleep(0.2 if forwarded else 1.0)
         for m in monitors:
             m.poll()
     except KeyboardInterrupt:
         _stop(procs)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        STOP.restore(previous)
     codes = [p.returncode for p in procs]
     if any(c not in (0, 1) for c in codes):
         print(f"workers exited with codes {codes}", file=sys.stderr)
+    stop_code = EXIT_PREEMPTED if STOP.reason is not None else EXIT_TIME_LIMIT if STOP.check() is not None or \
+        EXIT_TIME_LIMIT in codes else EXIT_PREEMPTED if EXIT_PREEMPTED in codes else None
+    unsettled = any(s.state not in ("done", "failed") for q in queues for s in q.statuses(q.retries(args.retries)).values())
+    if stop_code is not None and unsettled:
+        from ablations.timelimit import stop_summary
+        from ablations.tracking import client_for
+
+        why = STOP.reason or ("a worker was preempted" if stop_code == EXIT_PREEMPTED else "time limit reached")
+        stop_summary(client_for(tracking_uri), grids, checkpoints_for(args, tracking_uri), why, sys.stderr,
+                     estimate=stop_code == EXIT_TIME_LIMIT)
+        return stop_code
     code = summary(queues, args.retries, tracking_uri, sys.stderr, already)
     return EXIT_BAD_INPUT if codes and all(c == EXIT_BAD_INPUT for c in codes) else code

@@ -83,6 +83,9 @@ class GridProgress:
     _cell_start: float | None = None
     _fraction = 0.0
 
+    def note(self, line: str) -> None:
+        self._print(line)
+
     def skip(self, cell: Cell, why: str = "already FINISHED") -> None:
         self.done += 1
         self._print(f"[{self.grid}] {self.done}/{self.total} skip {cell.variant} seed={cell.seed} ({why})")

@@ -38,7 +38,7 @@ from senet.config import SEConfig
 # the best epoch would be selected on the test set, an optimistic figure).
 TOP1, TOP5 = "final_top1_err", "final_top5_err"
 SE_KEYS = ("reduction", "squeeze", "excitation", "stages", "integration", "position")  # the ablated options
-NOT_RECIPE = {"seed", "dataset.root", "dataset.download"}  # where data lives is no part of what was run
+NOT_RECIPE = {"seed", "dataset.root", "dataset.download", "train.checkpoint_every"}  # no part of what was run
 SIGNIFICANCE = ((0.01, "**"), (0.05, "*"))  # Welch's t-test thresholds, strictest first
 DASH = "—"
 TABLE_FILES = ("table.md", "table.tex", "table.csv")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -10,6 +13,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from mlflow import MlflowClient
 
+from ablations import checkpoint as ckpt
+from ablations.checkpoint import STOP, Checkpoints, TrainingStopped
 from ablations.config import Cell, ConfigError, DatasetConfig, ExperimentConfig
 from ablations.data import Dataset, DataError, load_dataset
 from ablations.progress import GridProgress
@@ -27,10 +32,14 @@ class CellAborted(Exception):
 
 @dataclass
 class CellResult:
-    status: str  # FINISHED, FAILED or KILLED (aborted); Ctrl-C is re-raised instead
+    # FINISHED, FAILED, KILLED (aborted), or STOPPED: preempted or out of time, checkpointed (its run
+    # KILLED, resumable) or not started (run_id ""); Ctrl-C is re-raised instead
+    status: str
     run_id: str
     reason: str = ""
     final: dict[str, float] = field(default_factory=dict)
+    exit_code: int = 0  # STOPPED: EXIT_PREEMPTED or EXIT_TIME_LIMIT
+    kind: str = ""  # STOPPED: 'preempted' or 'time_limit'
 
 
 def with_num_classes(config: ExperimentConfig, num_classes: int) -> ExperimentConfig:
@@ -96,8 +105,10 @@ def model_summary(model: torch.nn.Module, config: ExperimentConfig, image_size: 
 class _Observer:
     """Sends each epoch to MLflow and to the progress display; `guard` may stop the cell between steps."""
 
-    def __init__(self, run: CellRun, progress: GridProgress, guard: Callable[[bool], None] | None = None) -> None:
+    def __init__(self, run: CellRun, progress: GridProgress, guard: Callable[[bool], None] | None = None,
+                 logged: set[int] | None = None) -> None:
         self.run, self.progress, self.guard = run, progress, guard
+        self.logged = logged or set()  # epochs a resumed run logged before it stopped: never logged twice
 
     def on_step(self, epoch: int, step: int, steps: int, loss: float | None) -> None:
         if self.guard:
@@ -107,23 +118,55 @@ class _Observer:
     def on_epoch(self, s: EpochStats) -> None:
         if self.guard:
             self.guard(False)
+        self.log(s)
+        self.progress.on_epoch(s)
+
+    def log(self, s: EpochStats) -> None:
+        if s.epoch in self.logged:
+            return
         self.run.log_metrics({
             "train_loss": s.train_loss, "train_err": s.train_err, "test_top1_err": s.test_top1_err,
             "test_top5_err": s.test_top5_err, "lr": s.lr, "epoch_seconds": s.seconds, "images_per_s": s.images_per_s,
         }, step=s.epoch)
-        self.progress.on_epoch(s)
+        self.logged.add(s.epoch)
 
 
 def run_cell(cell: Cell, config: ExperimentConfig, data: Dataset, run: CellRun, device: torch.device,
-             progress: GridProgress, guard: Callable[[bool], None] | None = None) -> dict[str, float]:
-    """Train one cell (its config resolved against the data) into its open MLflow run; return its final metrics."""
+             progress: GridProgress, guard: Callable[[bool], None] | None = None, *,
+             resume: dict | None = None, checkpoints: Checkpoints | None = None) -> dict[str, float]:
+    """Train one cell (its config resolved against the data) into its open MLflow run; return its final metrics.
+
+    `resume`: the checkpoint to continue from (the run is the one it was taken in). With `checkpoints`,
+    the state is saved every `train.checkpoint_every` epochs and whenever STOP asks to stop.
+    """
     seed_everything(cell.seed)
     model = build_model(config.model)
     c = complexity(model, data.image_size)
-    run.log_text(config.model_dump_json(indent=2), "config.json")
-    run.log_text(model_summary(model, config, data.image_size), "model_summary.txt")
+    observer = _Observer(run, progress, guard)
+    if resume is None:
+        run.log_text(config.model_dump_json(indent=2), "config.json")
+        run.log_text(model_summary(model, config, data.image_size), "model_summary.txt")
+    else:
+        observer.logged = run.logged_steps("test_top1_err")
+        for h in resume["history"]:  # epochs checkpointed but not logged before the stop
+            observer.log(EpochStats(**h))
     progress.start_cell(cell, config.train.epochs)
-    result = train(config, model, data, device, observer=_Observer(run, progress, guard))
+    on_checkpoint = None
+    if checkpoints is not None:
+        steps = len(data.train.labels) // config.train.batch_size or 1
+
+        def on_checkpoint(state: dict) -> None:
+            meta = {"run_id": run.run_id, "cell_id": cell.cell_id, "grid": cell.grid, "variant": cell.variant,
+                    "seed": cell.seed, "epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"],
+                    "steps_per_epoch": steps, "epochs": config.train.epochs, "saved_at": time.time()}
+            ckpt.save(checkpoints.path(cell.cell_id), {**state, "run_id": run.run_id, "cell_id": cell.cell_id}, meta)
+
+    if resume is not None:
+        where = f"epoch {resume['epoch']}" + (f" + {resume['step_in_epoch']} steps" if resume["step_in_epoch"] else "")
+        progress.note(f"    resuming {cell.variant} seed={cell.seed} from its checkpoint at {where} "
+                      f"(run {run.run_id}, resume #{run.resumes})")
+    result = train(config, model, data, device, observer=observer, resume=resume, on_checkpoint=on_checkpoint,
+                   should_stop=STOP.check)
     run.set_tags({"compile": result.compile_status})  # "off", "on" or "eager fallback: <why>"
     final = {
         "params": c.params, "caffe_params": c.caffe_params, "gflops": c.gflops,
@@ -135,25 +178,79 @@ def run_cell(cell: Cell, config: ExperimentConfig, data: Dataset, run: CellRun, 
     return final
 
 
+def resumable(client: MlflowClient, cell: Cell, checkpoints: Checkpoints) -> dict | None:
+    """The checkpoint of `cell` to continue from, if its run stopped without finishing or failing:
+    KILLED (Ctrl-C, preempted, out of time, a dead worker), or RUNNING with its process gone from
+    this host. A checkpoint of a FINISHED or FAILED run is stale: it is deleted (unless kept)."""
+    from ablations.tracking import _pid_alive
+
+    path = checkpoints.path(cell.cell_id)
+    if not path.is_file():
+        return None
+    try:
+        state = ckpt.load(path)
+        run = client.get_run(state["run_id"])
+    except Exception as exc:  # unreadable, or its run is gone: start afresh (the file is overwritten)
+        print(f"warning: checkpoint {path} not used ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
+        return None
+    status, tags = run.info.status, run.data.tags
+    if state.get("cell_id") != cell.cell_id or run.info.lifecycle_stage == "deleted":
+        return None
+    if status in ("FINISHED", "FAILED"):
+        if not checkpoints.keep:
+            checkpoints.discard(cell.cell_id)
+        return None
+    if status == "RUNNING" and not (tags.get("host") == socket.gethostname() and tags.get("pid", "").isdigit()
+                                    and not _pid_alive(int(tags["pid"]))):
+        return None  # possibly alive elsewhere: not ours to take over
+    return state
+
+
 def execute_cell(cell: Cell, data: Dataset, client: MlflowClient, experiment_id: str, device: torch.device,
                  progress: GridProgress, *, tags: Mapping[str, str] | None = None,
                  guard: Callable[[bool], None] | None = None,
-                 on_run: Callable[[CellRun], None] | None = None) -> CellResult:
-    """Train one cell into a new MLflow run and end the run FINISHED, FAILED or KILLED.
+                 on_run: Callable[[CellRun], None] | None = None,
+                 checkpoints: Checkpoints | None = None) -> CellResult:
+    """Train one cell and end its MLflow run FINISHED, FAILED or KILLED; or return STOPPED.
 
-    The one place a cell runs, serially or in a worker. A failure (divergence, OOM, a bug) is
-    recorded and returned, so the grid goes on; Ctrl-C marks the run KILLED and is re-raised.
-    `guard(final)` is called between steps (final=False) and right before the run is marked
-    FINISHED (final=True): raising CellAborted there ends the run KILLED. `on_run` sees the run as soon as it exists.
+    The one place a cell runs, serially or in a worker. With `checkpoints`, a cell whose earlier
+    run stopped (killed, preempted, out of time) continues from its checkpoint in that same run.
+    A failure (divergence, OOM, a bug) is recorded and returned, so the grid goes on; Ctrl-C marks
+    the run KILLED and is re-raised. A stop request (STOP: SIGTERM/SIGUSR1, the time limit)
+    checkpoints the cell and returns STOPPED; so does a time limit too near to reach a checkpoint,
+    before anything starts. `guard(final)` is called between steps (final=False) and right before
+    the run is marked FINISHED (final=True): raising CellAborted there ends the run KILLED. `on_run`
+    sees the run as soon as it exists.
     """
+    from ablations.timelimit import refuse_to_start
+
     config = with_num_classes(cell.config, len(data.classes))
-    run = CellRun(client, experiment_id, cell, device, data.source, config, extra_tags=tags)
+    if (why := STOP.check()) is not None:
+        return CellResult("STOPPED", "", f"{why[1]}; not started", exit_code=ckpt.exit_code_for(why[0]), kind=why[0])
+    resume = resumable(client, cell, checkpoints) if checkpoints is not None else None
+    refusal = refuse_to_start(client, cell, config, resume, len(data.train.labels))
+    if refusal is not None:
+        reason = f"time limit {ckpt.fmt_seconds(STOP.limit)}: not starting {cell.variant} seed={cell.seed}, {refusal}"
+        progress.note(f"[{cell.grid}] {reason}")
+        return CellResult("STOPPED", "", reason, exit_code=ckpt.exit_code_for("time_limit"), kind="time_limit")
+    run = CellRun(client, experiment_id, cell, device, data.source, config, extra_tags=tags,
+                  resume_run_id=resume["run_id"] if resume is not None else None)
     try:
         if on_run:
             on_run(run)
-        final = run_cell(cell, config, data, run, device, progress, guard)
+        final = run_cell(cell, config, data, run, device, progress, guard, resume=resume, checkpoints=checkpoints)
         if guard:
             guard(True)  # the last moment a lost claim can keep a second FINISHED run of this cell out
+    except TrainingStopped as exc:
+        where = f"epoch {exc.epoch}" + (f" + {exc.step_in_epoch} steps" if exc.step_in_epoch else "")
+        saved = f"checkpoint at {where}" if checkpoints is not None else "no checkpoint"
+        if STOP.signalled_at is not None and exc.kind == "preempted":
+            saved += f" {time.monotonic() - STOP.signalled_at:.2f}s after the signal"
+        saved += "; the next run resumes it"
+        run.set_tags({"stopped": exc.kind})
+        run.end("KILLED", f"{exc.reason}: {saved}")
+        progress.end_cell(cell, "STOPPED", f"{exc.reason}: {saved}")
+        return CellResult("STOPPED", run.run_id, exc.reason, exit_code=exc.exit_code, kind=exc.kind)
     except KeyboardInterrupt:
         run.end("KILLED", "interrupted (Ctrl-C)")
         progress.end_cell(cell, "KILLED")
@@ -168,8 +265,12 @@ def execute_cell(cell: Cell, data: Dataset, client: MlflowClient, experiment_id:
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
     else:
         run.end("FINISHED")
+        if checkpoints is not None and not checkpoints.keep:  # its weights are logged: the checkpoint is done with
+            checkpoints.discard(cell.cell_id)
         progress.end_cell(cell, "FINISHED", f"test err top-1 {final['final_top1_err']:.2f}%")
         return CellResult("FINISHED", run.run_id, final=final)
     run.end("FAILED", reason)
+    if checkpoints is not None and not checkpoints.keep:  # a FAILED cell starts afresh, never from here
+        checkpoints.discard(cell.cell_id)
     progress.end_cell(cell, "FAILED", reason)
     return CellResult("FAILED", run.run_id, reason)

@@ -268,12 +268,17 @@ def reap_dead_runs(client: MlflowClient, experiment_id: str) -> int:
 
 
 class CellRun:
-    """The MLflow run of one cell: tags and params at the start, metrics as they come."""
+    """The MLflow run of one cell: tags and params at the start, metrics as they come.
+
+    With `resume_run_id`, the existing run of a stopped cell is reopened instead (status RUNNING
+    again, this process as its owner, the `resumes` tag counting up) and nothing is logged twice.
+    """
 
     def __init__(self, client: MlflowClient, experiment_id: str, cell: Cell, device: torch.device,
                  data_source: str, config: ExperimentConfig | None = None,
-                 extra_tags: Mapping[str, str] | None = None) -> None:
+                 extra_tags: Mapping[str, str] | None = None, resume_run_id: str | None = None) -> None:
         self.client = client
+        self.resumes = 0
         tags = {
             "grid": cell.grid,
             "variant": cell.variant,
@@ -291,6 +296,16 @@ class CellRun:
             **({"preset": cell.preset} if cell.preset else {}),
             **(extra_tags or {}),
         }
+        if resume_run_id is not None:
+            self.run_id = resume_run_id
+            old = client.get_run(resume_run_id).data.tags
+            self.resumes = int(old.get("resumes", "0")) + 1
+            self.set_tags({**tags, "resumes": str(self.resumes)})
+            for stale in ("failure_reason", "stopped"):  # why it stopped last time; it is running again
+                if stale in old:
+                    client.delete_tag(resume_run_id, stale)
+            client.update_run(resume_run_id, status="RUNNING")
+            return
         run = client.create_run(experiment_id, tags=tags, run_name=f"{cell.variant} seed={cell.seed}")
         self.run_id = run.info.run_id
         resolved = (config or cell.config).model_dump(mode="json")
@@ -301,6 +316,9 @@ class CellRun:
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def logged_steps(self, key: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
 
     def log_text(self, text: str, path: str) -> None:
         self.client.log_text(self.run_id, text, path)

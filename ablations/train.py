@@ -14,14 +14,15 @@ import random
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ablations.checkpoint import TrainingStopped, set_rng_state, training_state
 from ablations.config import ExperimentConfig, TrainConfig
 from ablations.data import Dataset, is_resident, iterate_batches
 
@@ -228,23 +229,31 @@ def evaluate(model: nn.Module, data: Dataset, device: torch.device, batch_size: 
 def _train_epoch(cfg: ExperimentConfig, epoch: int, step: int, total: int, steps_per_epoch: int,
                  model: nn.Module, step_fn: Callable[[Tensor], Tensor], optimizer: torch.optim.Optimizer,
                  data: Dataset, device: torch.device, dtype: torch.dtype, channels_last: bool, autocast,
-                 observer: Observer | None, sync_every: int) -> tuple[int, float, float, int, float]:
-    """One epoch of SGD; returns (step, train loss, lr, images seen, wrong predictions).
+                 observer: Observer | None, sync_every: int, skip: int = 0, partial: Mapping[str, Any] | None = None,
+                 stop_now: Callable[..., None] | None = None) -> tuple[int, float, float, int, float, float]:
+    """One epoch of SGD; returns (step, train loss, lr, images seen, wrong predictions, seconds it ran
+    before a mid-epoch resume). `skip`, `partial`: resume after step `skip` with those accumulators;
+    `stop_now(epochs done, step in epoch, global step, accumulators)` is called at every step boundary.
 
     Its own frame, so that after an out-of-memory error the batch's tensors die with the traceback.
     """
     tc = cfg.train
     model.train()
+    started = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
     wrong = torch.zeros((), device=device, dtype=torch.long)
-    seen, lr = 0, tc.lr
+    seen, lr, carried = 0, tc.lr, 0.0
+    if skip and partial is not None:
+        loss_sum, wrong = partial["loss_sum"].to(device), partial["wrong"].to(device)
+        seen, carried = partial["seen"], partial["seconds"]
     # Epoch 1 on a GPU streams from host memory unless the data is already there: residency is
     # decided from epoch 2 on, once this cell's peak memory has been measured.
     cuda_first = device.type == "cuda" and epoch == 1 and not is_resident(data.train, device)
     batches = iterate_batches(data.train, data, batch_size=tc.batch_size, train=True, device=device,
                               epoch=epoch, seed=cfg.seed, drop_last=len(data.train.labels) >= tc.batch_size,
-                              dtype=dtype, channels_last=channels_last, resident=False if cuda_first else None)
-    for i, (x, y) in enumerate(batches):
+                              dtype=dtype, channels_last=channels_last, resident=False if cuda_first else None,
+                              start=skip)  # a resumed epoch: exactly the uninterrupted epoch's batches from `skip` on
+    for i, (x, y) in enumerate(batches, start=skip):
         lr = lr_at(step, total, tc, steps_per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -266,12 +275,24 @@ def _train_epoch(cfg: ExperimentConfig, epoch: int, step: int, total: int, steps
                 observer.on_step(epoch, i + 1, steps_per_epoch, running)
         elif observer:
             observer.on_step(epoch, i + 1, steps_per_epoch, None)
-    return step, loss_sum.item() / max(1, seen), lr, seen, wrong.item()
+        if stop_now is not None:
+            stop_now(epoch - 1, i + 1, step, {"loss_sum": loss_sum.detach(), "wrong": wrong, "seen": seen,
+                                              "seconds": carried + time.perf_counter() - started})
+    lr = lr_at(max(0, step - 1), total, tc, steps_per_epoch)  # the last step's (also after a resume at the epoch's end)
+    return step, loss_sum.item() / max(1, seen), lr, seen, wrong.item(), carried
 
 
 def train(cfg: ExperimentConfig, model: nn.Module, data: Dataset, device: torch.device,
-          observer: Observer | None = None, sync_every: int = 50) -> TrainResult:
-    """Train `model` on `data` as `cfg.train` says; raise CellFailed on divergence or OOM."""
+          observer: Observer | None = None, sync_every: int = 50, *, resume: Mapping[str, Any] | None = None,
+          on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+          should_stop: Callable[[], tuple[str, str] | None] | None = None) -> TrainResult:
+    """Train `model` on `data` as `cfg.train` says; raise CellFailed on divergence or OOM.
+
+    `resume`: a checkpoint (ablations.checkpoint) to continue from. `on_checkpoint(state)` gets the
+    state every `train.checkpoint_every` epochs and at the last. `should_stop()`, polled at every
+    step boundary, returns (kind, reason) to stop: the state goes to `on_checkpoint` at once, even
+    mid-epoch, and TrainingStopped is raised.
+    """
     tc = cfg.train
     cuda = device.type == "cuda"
     bf16 = tc.precision == "bf16" or (tc.precision == "auto" and cuda)
@@ -292,27 +313,55 @@ def train(cfg: ExperimentConfig, model: nn.Module, data: Dataset, device: torch.
     total = steps_per_epoch * tc.epochs
     eval_bs = tc.eval_batch_size or 2 * tc.batch_size
     result = TrainResult(model, compile_status=step_fn.status)
-    step = 0
+    step, first_epoch, skip, partial = 0, 1, 0, None
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        set_rng_state(resume["rng"])
+        result.history = [EpochStats(**h) for h in resume["history"]]
+        step, first_epoch = resume["global_step"], resume["epoch"] + 1
+        skip, partial = resume["step_in_epoch"], resume["partial"]
+
+    def snapshot(epochs_done: int, at_step: int, step_in_epoch: int = 0, accumulators: dict | None = None) -> dict:
+        return training_state(model, optimizer, epoch=epochs_done, step_in_epoch=step_in_epoch, global_step=at_step,
+                              history=[asdict(s) for s in result.history], partial=accumulators)
+
+    def stop_now(epochs_done: int, step_in_epoch: int, at_step: int, accumulators: dict) -> None:
+        why = should_stop() if should_stop is not None else None
+        if why is not None:
+            if on_checkpoint is not None:
+                on_checkpoint(snapshot(epochs_done, at_step, step_in_epoch, accumulators))
+            raise TrainingStopped(why[1], why[0], epochs_done, step_in_epoch)
+
     oom = ""
     try:
-        for epoch in range(1, tc.epochs + 1):
+        for epoch in range(first_epoch, tc.epochs + 1):
             start = time.perf_counter()
-            step, train_loss, lr, seen, wrong = _train_epoch(
+            step, train_loss, lr, seen, wrong, carried = _train_epoch(
                 cfg, epoch, step, total, steps_per_epoch, model, step_fn, optimizer, data, device, dtype,
-                channels_last, autocast, observer, sync_every)
+                channels_last, autocast, observer, sync_every, skip, partial,
+                stop_now if should_stop is not None else None)
+            skip, partial = 0, None
             result.compile_status = step_fn.status
             if not math.isfinite(train_loss):
                 raise CellFailed(f"loss became {train_loss} at epoch {epoch}")
-            train_seconds = time.perf_counter() - start
+            train_seconds = carried + time.perf_counter() - start
             top1, top5 = evaluate(model, data, device, eval_bs, dtype, channels_last, autocast)
             stats = EpochStats(
                 epoch=epoch, train_loss=train_loss, train_err=100.0 * wrong / max(1, seen),
                 test_top1_err=top1, test_top5_err=top5, lr=lr,
-                seconds=time.perf_counter() - start, images_per_s=seen / train_seconds,
+                seconds=carried + time.perf_counter() - start, images_per_s=seen / max(train_seconds, 1e-9),
             )
             result.history.append(stats)
+            # Poll before the checkpoint is written (a request that comes later stops within the next
+            # epoch), and write it before the epoch's metrics are logged (a resume logs no epoch twice).
+            why = should_stop() if should_stop is not None and epoch < tc.epochs else None
+            if on_checkpoint is not None and (why or epoch % tc.checkpoint_every == 0 or epoch == tc.epochs):
+                on_checkpoint(snapshot(epoch, step))
             if observer:
                 observer.on_epoch(stats)
+            if why is not None:
+                raise TrainingStopped(why[1], why[0], epoch)
     except RuntimeError as exc:
         if isinstance(exc, CellFailed) or not _is_oom(exc):
             raise

@@ -25,6 +25,8 @@ from typing import Callable, Sequence, TextIO
 from optuna.trial import FrozenTrial, TrialState
 
 from ablations.cellqueue import CellStatus, GridQueue, count, settled
+from ablations.checkpoint import STOP, checkpoints_for, exit_code_for
+from ablations.exit_codes import EXIT_TIME_LIMIT
 from ablations.config import Cell, ExperimentsFile
 from ablations.heartbeat import Heartbeat, reap_stale
 from ablations.storage import check_storage, default_storage, is_rdb, new_series, open_storage, store_init_lock
@@ -137,8 +139,9 @@ def open_grids(args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[
     return client, out
 
 
-def sigterm_as_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops a worker as cleanly as Ctrl-C
+class _Stopped(BaseException):
+    """Leaves the claim loop once a cell was stopped (preempted, out of time): nothing more is claimed.
+    A BaseException, so the loop's retry of storage errors does not take it for one."""
 
 
 class Worker:
@@ -170,6 +173,8 @@ class Worker:
         for g in self.grids:
             g.progress = WorkerProgress(g.queue.grid, len(g.queue.cells), self.out, g.queue, live=live)
         self._by_queue = {id(g.queue): g for g in self.grids}
+        self.checkpoints = checkpoints_for(args, self.tracking_uri)
+        self.stopped: tuple[int, str] | None = None  # (exit code, reason) once preempted or out of time
 
     def say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
@@ -178,6 +183,9 @@ class Worker:
         """Say where the grid stands when this process starts on it; clean up dead workers' runs."""
         from ablations.tracking import kill_running
 
+        if (why := STOP.check()) is not None:  # e.g. a signal while waiting for others' cells
+            self.stopped = (exit_code_for(why[0]), why[1])
+            raise _Stopped
         g = self._by_queue[id(q)]
         if not g.announced:
             g.announced = True
@@ -195,19 +203,31 @@ class Worker:
     def run(self) -> int:
         previous = None
         if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
+            previous = STOP.install()  # SIGTERM/SIGUSR1: checkpoint the running cell, leave it claimable, exit 75
             if self.launched:  # the launcher stops its workers with SIGINT, even if it was started with SIGINT ignored
                 signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             first = drain_queues([g.queue for g in self.grids], self.run_trial, retries=self.retries_flag,
                                  fresh_launch=self.fresh_launch, poll=self.poll, say=self.say,
                                  after_sync=self._after_sync)
+        except _Stopped:
+            first = {}
         finally:
             for g in self.grids:
                 if g.progress is not None:
                     g.progress.close()
             if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+                STOP.restore(previous)
+        if self.stopped is not None:
+            code, reason = self.stopped
+            if self.launched:  # the launcher sums up for all its workers
+                self.say(f"stopped: {reason}; its cells stay claimable, run again to continue")
+            else:
+                from ablations.timelimit import stop_summary
+
+                stop_summary(self.client, [(g.queue.grid, list(g.queue.cells.values())) for g in self.grids],
+                             self.checkpoints, reason, self.out, estimate=code == EXIT_TIME_LIMIT)
+            return code
         already = {grid: count(st, "done") for grid, st in first.items()}
         return summary([g.queue for g in self.grids], self.retries_flag, self.tracking_uri,
                        io.StringIO() if self.launched else self.out, already)
@@ -238,7 +258,7 @@ class Worker:
             tags = {**g.tags, "optuna_study": q.name, "optuna_trial": str(trial.number), "worker": self.id}
             result = execute_cell(cell, self.datasets[dataset_key(cell.config.dataset)], self.client, g.experiment_id,
                                   self.device, progress, tags=tags, guard=hb.guard,
-                                  on_run=lambda run: hb.record(run.run_id))
+                                  on_run=lambda run: hb.record(run.run_id), checkpoints=self.checkpoints)
         except KeyboardInterrupt:
             q.finish(trial, TrialState.FAIL, attrs={"failure_kind": "interrupted", "failure_reason": "interrupted (Ctrl-C)"})
             raise
@@ -251,6 +271,10 @@ class Worker:
             return False
         if result.status == "FAILED":
             q.finish(trial, TrialState.FAIL, attrs={"failure_kind": "failed", "failure_reason": result.reason[:2000]})
+        if result.status == "STOPPED":  # checkpointed (or not started): queued again without using up a retry
+            q.finish(trial, TrialState.FAIL, attrs={"failure_kind": result.kind, "failure_reason": result.reason[:2000]})
+            self.stopped = (result.exit_code, result.reason)
+            raise _Stopped
         # KILLED: the claim was lost, the trial already FAILed by whoever took it back
         return True
 

@@ -1,0 +1,335 @@
+"""Checkpoints, resume into the same MLflow run, preemption signals and --time-limit.
+
+Real processes (run_ablation.py), a real MLflow store, a tiny real model (SE-ResNet-20) on the
+synthetic dataset through the real input pipeline (crop and flip included). Every process runs
+on one thread: CPU results are then bit-for-bit reproducible, which is what resume promises.
+Waits are for events (a checkpoint file, a line on stderr, a process's exit), never for a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from ablations import checkpoint as ckpt
+from ablations.config import DatasetConfig, ExperimentConfig, TrainConfig
+from ablations.data import load_dataset
+from ablations.exit_codes import EXIT_PREEMPTED, EXIT_TIME_LIMIT
+from ablations.train import TrainingStopped, seed_everything, train
+from senet import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+WAIT = 900  # safety timeout (s) of every wait: a loaded 2-core machine is slow, not wrong
+PER_EPOCH = ("train_loss", "train_err", "test_top1_err", "test_top5_err", "lr")  # epoch_seconds etc. are timings
+
+GRID_FILE = {
+    "defaults": {
+        "dataset": {"name": "synthetic", "train_size": 128, "test_size": 32},
+        "model": {"arch": "resnet20", "se": {"reduction": 4}},
+        "train": {"epochs": 4, "batch_size": 8, "lr": 0.05, "momentum": 0.9, "warmup_epochs": 0.5},
+        "seeds": [0],
+    },
+    "grids": {
+        # one cell of 4 epochs x 16 steps: long enough to be stopped between two steps
+        "one": {"description": "one cell", "axes": {"model.se.reduction": [4]}},
+        # two such cells for two workers
+        "pair": {"description": "two cells", "axes": {"model.se.reduction": [4, 8]}},
+        # 6 cells under a time limit: more than one invocation's worth even on a quiet machine
+        "timed": {"description": "6 cells under a time limit", "axes": {"model.se.reduction": [2, 4, 8]},
+                  "train": {"epochs": 4, "batch_size": 16}, "seeds": [0, 1]},
+    },
+}
+
+
+def write_store(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "experiments.yaml").write_text(yaml.safe_dump(GRID_FILE, sort_keys=False))
+    return d
+
+
+def uri(d: Path) -> str:
+    return f"sqlite:///{d / 'mlflow.db'}"
+
+
+def command(d: Path, grid: str, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "run_ablation.py"), "--config", str(d / "experiments.yaml"), "--grid", grid,
+            "--tracking-uri", uri(d), "--device", "cpu", *extra]
+
+
+def env(d: Path) -> dict[str, str]:
+    return {**os.environ, "SENET_ABLATIONS_CACHE": str(d / "cache"), "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def start(d: Path, grid: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(command(d, grid, *extra), cwd=d, env=env(d), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def run(d: Path, grid: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command(d, grid, *extra), cwd=d, env=env(d), capture_output=True, text=True, timeout=WAIT)
+
+
+def cell_runs(d: Path, grid: str) -> list:
+    client = MlflowClient(tracking_uri=uri(d))
+    exp = client.get_experiment_by_name(grid)
+    found = [] if exp is None else client.search_runs([exp.experiment_id], max_results=1000)
+    return [r for r in found if "cell_id" in r.data.tags]
+
+
+def history(d: Path, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    client = MlflowClient(tracking_uri=uri(d))
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in PER_EPOCH}
+
+
+def weights(d: Path, run_id: str) -> dict[str, torch.Tensor]:
+    path = MlflowClient(tracking_uri=uri(d)).download_artifacts(run_id, "model/weights.pt", str(d))
+    return torch.load(path, weights_only=True)
+
+
+def checkpoint_meta(d: Path) -> dict | None:
+    found = list((d / "checkpoints").glob("*/last.json"))
+    return json.loads(found[0].read_text()) if found else None
+
+
+def wait_for(what: str, ready, proc: subprocess.Popen):
+    """Poll `ready()` until it returns something; fail with the process's output if it ends first."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        value = ready()
+        if value:
+            return value
+        if proc.poll() is not None:
+            raise AssertionError(f"the process ended (code {proc.returncode}) before {what}:\n{proc.stdout.read()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"timeout: waited {WAIT}s for {what}")
+
+
+def assert_same_as_reference(d: Path, reference: dict) -> object:
+    """One FINISHED run, 4 metric steps each logged once, identical metrics and weights; the checkpoint gone."""
+    (only,) = cell_runs(d, "one")
+    assert only.info.status == "FINISHED", only.data.tags.get("failure_reason")
+    got = history(d, only.info.run_id)
+    for key in PER_EPOCH:
+        assert [s for s, _ in got[key]] == [1, 2, 3, 4], (key, got[key])
+        assert got[key] == reference["history"][key], key
+    final = weights(d, only.info.run_id)
+    diff = max((final[k].double() - v.double()).abs().max().item() for k, v in reference["weights"].items())
+    assert diff == 0.0, f"max abs weight difference {diff}"
+    assert checkpoint_meta(d) is None and not list((d / "checkpoints").glob("*/*.pt"))
+    return only
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """The uninterrupted cell: its per-epoch metrics and final weights."""
+    d = write_store(tmp_path_factory.mktemp("reference"))
+    done = run(d, "one")
+    assert done.returncode == 0, done.stderr
+    (only,) = cell_runs(d, "one")
+    assert only.data.tags.get("resumes") is None
+    return {"history": history(d, only.info.run_id), "weights": weights(d, only.info.run_id)}
+
+
+# ----------------------------------------------------------------------------- in process
+
+
+def _tiny_config(epochs: int = 2) -> ExperimentConfig:
+    return ExperimentConfig(
+        dataset=DatasetConfig(name="synthetic", train_size=64, test_size=32),
+        model={"arch": "resnet20", "num_classes": 10, "se": {"reduction": 4}},
+        train=TrainConfig(epochs=epochs, batch_size=16, lr=0.05, warmup_epochs=0.5), seed=3)
+
+
+def _fresh_model(cfg: ExperimentConfig) -> torch.nn.Module:
+    seed_everything(cfg.seed)
+    return build_model(cfg.model)
+
+
+def test_stop_mid_epoch_then_resume_is_bit_exact(tmp_path):
+    """A stop request after step 2 of epoch 2 saves a mid-epoch checkpoint (through the atomic file
+    and a weights_only load); training resumed from it equals the uninterrupted run bit for bit."""
+    torch.set_num_threads(1)
+    cfg = _tiny_config()
+    data = load_dataset("synthetic", "unused", train_size=64, test_size=32, cache_dir=tmp_path / "cache")
+    cpu = torch.device("cpu")
+    whole = train(cfg, _fresh_model(cfg), data, cpu)
+
+    path, polls = tmp_path / "c" / "last.pt", []
+
+    def stop_at_step_2_of_epoch_2():  # polled after each of 4 steps and at the epoch's end: the 7th poll
+        polls.append(1)
+        return ("preempted", "test stop") if len(polls) == 7 else None
+
+    with pytest.raises(TrainingStopped) as stopped:
+        train(cfg, _fresh_model(cfg), data, cpu, should_stop=stop_at_step_2_of_epoch_2,
+              on_checkpoint=lambda state: ckpt.save(path, state))
+    assert (stopped.value.epoch, stopped.value.step_in_epoch, stopped.value.exit_code) == (1, 2, EXIT_PREEMPTED)
+    assert not list(path.parent.glob(".*.tmp"))  # renamed into place, nothing left behind
+    state = ckpt.load(path)  # weights_only=True
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"], len(state["history"])) == (1, 2, 6, 1)
+    assert state["partial"]["seen"] == 32
+
+    resumed = train(cfg, _fresh_model(cfg), data, cpu, resume=state)
+    assert [(s.train_loss, s.train_err, s.test_top1_err, s.test_top5_err, s.lr) for s in resumed.history] == \
+           [(s.train_loss, s.train_err, s.test_top1_err, s.test_top5_err, s.lr) for s in whole.history]
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_every_is_not_part_of_the_cell_id():
+    from ablations.config import config_id
+
+    cfg = _tiny_config()
+    other = cfg.model_copy(update={"train": cfg.train.model_copy(update={"checkpoint_every": 3})})
+    assert config_id(cfg) == config_id(other)
+    assert config_id(cfg) != config_id(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 3})}))
+
+
+# ----------------------------------------------------------------------------- real processes
+
+
+def test_sigkill_after_epoch_2_resumes_bit_exact(tmp_path, reference):
+    """SIGKILL once the epoch-2 checkpoint exists; the next run resumes the same MLflow run from it."""
+    d = write_store(tmp_path / "killed")
+    proc = start(d, "one")
+    meta = wait_for("the epoch-2 checkpoint", lambda: (m := checkpoint_meta(d)) and m["epoch"] >= 2 and m, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert 2 <= meta["epoch"] < 4 and meta["step_in_epoch"] == 0
+    (killed,) = cell_runs(d, "one")
+    assert killed.info.status == "RUNNING"  # no chance to clean up
+
+    resumed = run(d, "one")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"from its checkpoint at epoch {meta['epoch']} (run {killed.info.run_id}, resume #1)" in resumed.stderr
+    only = assert_same_as_reference(d, reference)
+    assert only.info.run_id == killed.info.run_id and only.data.tags["resumes"] == "1"
+    assert "failure_reason" not in only.data.tags
+
+
+def test_sigterm_mid_epoch_checkpoints_and_exits_75(tmp_path, reference):
+    """SIGTERM during epoch 2: a mid-epoch checkpoint and exit 75 at the next step; resume is bit-exact."""
+    d = write_store(tmp_path / "term")
+    proc = start(d, "one")
+    wait_for("the epoch-1 checkpoint", lambda: checkpoint_meta(d), proc)  # its stop poll is done: epoch 2 is next
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=WAIT)
+    exited = time.monotonic() - sent
+    assert proc.returncode == EXIT_PREEMPTED, out
+    meta = checkpoint_meta(d)
+    assert meta["epoch"] == 1 and 1 <= meta["step_in_epoch"] <= meta["steps_per_epoch"] == 16, meta
+    saved_after = (d / "checkpoints" / meta["cell_id"] / "last.pt").stat().st_mtime - meta["saved_at"]
+    assert abs(saved_after) < 5  # the metadata describes this very file
+    latency = float(re.search(r"checkpoint at epoch 1 \+ \d+ steps ([\d.]+)s after the signal", out).group(1))
+    print(f"SIGTERM -> checkpoint {latency:.2f}s later (the process's own clock), exit {proc.returncode} "
+          f"{exited:.2f}s later (the test's clock, interpreter exit included), at epoch {meta['epoch']} + "
+          f"{meta['step_in_epoch']} steps")
+    assert latency < 10, f"checkpointed only {latency:.2f}s after SIGTERM (one step and one save should take ~1 s)"
+    assert "preempted (SIGTERM)" in out and "partly done: r=4 seed=0 (epoch 1/4 +" in out
+    (stopped,) = cell_runs(d, "one")
+    assert stopped.info.status == "KILLED" and stopped.data.tags["stopped"] == "preempted"
+
+    resumed = run(d, "one")
+    assert resumed.returncode == 0, resumed.stderr
+    only = assert_same_as_reference(d, reference)
+    assert only.info.run_id == stopped.info.run_id and only.data.tags["resumes"] == "1"
+
+
+def test_time_limit_stops_before_it_and_repeated_runs_finish_each_cell_once(tmp_path):
+    """A grid needing several times the limit: each invocation exits 124 (stopped before its limit,
+    by its own clock) until one exits 0; then every cell has exactly one FINISHED run."""
+    d = write_store(tmp_path / "timed")
+    limit = 40
+    codes, stops = [], []
+    for _ in range(40):  # three or four on a quiet machine; a loaded one (startup counts) needs more
+        done = run(d, "timed", "--time-limit", f"{limit}s", "--time-margin", "8")
+        codes.append(done.returncode)
+        assert done.returncode in (0, EXIT_TIME_LIMIT), done.stderr
+        if done.returncode == 0:
+            break
+        m = re.search(r"stopped: .*, after ([\d.]+)s of the 40s limit", done.stderr)
+        assert m, done.stderr
+        stops.append(float(m.group(1)))
+        assert "estimated time left:" in done.stderr and "run the same command again" in done.stderr
+    print(f"invocations: {codes}; stopped after {stops} s of {limit} s")
+    assert codes[0] == EXIT_TIME_LIMIT and codes[-1] == 0
+    assert all(s < limit for s in stops)
+    finished = [r for r in cell_runs(d, "timed") if r.info.status == "FINISHED"]
+    assert len(finished) == 6 and len({r.data.tags["cell_id"] for r in finished}) == 6
+    assert all(r.info.status != "RUNNING" for r in cell_runs(d, "timed"))
+    client = MlflowClient(tracking_uri=uri(d))
+    for r in finished:  # a cell stopped and resumed still has each epoch once
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "test_top1_err")] == [1, 2, 3, 4]
+    assert not list((d / "checkpoints").glob("*/*.pt"))
+
+
+def test_launcher_passes_sigusr1_to_its_workers_as_a_preemption(tmp_path):
+    """SIGUSR1 to `--workers 2`: both workers checkpoint their cells and exit 75, their trials end
+    'preempted' (no retry used up), the launcher exits 75; the next launch resumes both runs."""
+    from optuna.trial import TrialState
+
+    from ablations import workers as W
+    from ablations.config import load_experiments, resolve_cells
+
+    d = write_store(tmp_path / "pair")
+    launcher = start(d, "pair", "--workers", "2", "--heartbeat", "1", "--grace", "30")
+    wait_for("a checkpoint of each cell", lambda: len(list((d / "checkpoints").glob("*/last.json"))) == 2, launcher)
+    launcher.send_signal(signal.SIGUSR1)
+    out, _ = launcher.communicate(timeout=WAIT)
+    assert launcher.returncode == EXIT_PREEMPTED, out
+    assert "preempted (SIGUSR1): passing it on to the workers" in out
+    assert out.count("preempted (SIGTERM): checkpoint at epoch") == 2  # each worker's own line
+    stopped = cell_runs(d, "pair")
+    assert len(stopped) == 2 and all(r.info.status == "KILLED" and r.data.tags["stopped"] == "preempted" for r in stopped)
+    q = W.GridQueue("pair", resolve_cells(load_experiments(d / "experiments.yaml"), "pair"),
+                    str(d / W.JOURNAL_NAME), 1, 30)
+    assert [t.user_attrs.get("failure_kind") for t in q.trials()] == ["preempted", "preempted"]
+
+    again = start(d, "pair", "--workers", "2", "--heartbeat", "1", "--grace", "30")
+    out, _ = again.communicate(timeout=WAIT)
+    assert again.returncode == 0, out
+    finished = cell_runs(d, "pair")
+    assert {r.info.run_id for r in finished} == {r.info.run_id for r in stopped}  # the same two runs, resumed
+    assert all(r.info.status == "FINISHED" and r.data.tags["resumes"] == "1" for r in finished)
+    client = MlflowClient(tracking_uri=uri(d))
+    for r in finished:
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "train_loss")] == [1, 2, 3, 4]
+    redo = [t for t in q.trials() if t.state == TrialState.COMPLETE]
+    assert len(redo) == 2 and all(t.user_attrs["attempt"] == 0 for t in redo)
+
+
+def test_bad_time_limit_is_bad_input(tmp_path):
+    d = write_store(tmp_path / "bad")
+    done = run(d, "one", "--time-limit", "9x")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == "error: --time-limit 9x: expected a duration such as 90s, 9m, 2h or 1h30m"
+    assert not (d / "mlflow.db").exists()
+
+
+def test_checkpoint_cost_bench_reports_well_formed_numbers(tmp_path):
+    """bench/checkpoint_cost.py runs (here on a tiny model) and reports size, times and the share."""
+    out = tmp_path / "cost.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "checkpoint_cost.py"), "--arch", "resnet20",
+                           "--device", "cpu", "--batch", "8", "--images", "16", "--repeats", "2",
+                           "--dir", str(tmp_path), "--json-out", str(out)],
+                          cwd=tmp_path, env=env(tmp_path), capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 0, done.stderr
+    r = json.loads(out.read_text())
+    assert r["checkpoint_bytes"] > 4 * 270_000  # fp32 weights and as many momentum values, at least
+    assert 0 < r["save_seconds_median"] and 0 < r["load_seconds_median"] and len(r["save_seconds_all"]) == 2
+    assert r["save_share_of_epoch"] == pytest.approx(r["save_seconds_median"] / r["cifar10_epoch_seconds_extrapolated"])
+    assert "checkpoint" in done.stdout and "of it" in done.stdout
