@@ -282,8 +282,9 @@ def test_launcher_passes_sigusr1_to_its_workers_as_a_preemption(tmp_path):
     'preempted' (no retry used up), the launcher exits 75; the next launch resumes both runs."""
     from optuna.trial import TrialState
 
-    from ablations import workers as W
+    from ablations.cellqueue import GridQueue
     from ablations.config import load_experiments, resolve_cells
+    from ablations.storage import JOURNAL_NAME
 
     d = write_store(tmp_path / "pair")
     launcher = start(d, "pair", "--workers", "2", "--heartbeat", "1", "--grace", "30")
@@ -295,8 +296,7 @@ def test_launcher_passes_sigusr1_to_its_workers_as_a_preemption(tmp_path):
     assert out.count("preempted (SIGTERM): checkpoint at epoch") == 2  # each worker's own line
     stopped = cell_runs(d, "pair")
     assert len(stopped) == 2 and all(r.info.status == "KILLED" and r.data.tags["stopped"] == "preempted" for r in stopped)
-    q = W.GridQueue("pair", resolve_cells(load_experiments(d / "experiments.yaml"), "pair"),
-                    str(d / W.JOURNAL_NAME), 1, 30)
+    q = GridQueue("pair", resolve_cells(load_experiments(d / "experiments.yaml"), "pair"), str(d / JOURNAL_NAME), 1, 30)
     assert [t.user_attrs.get("failure_kind") for t in q.trials()] == ["preempted", "preempted"]
 
     again = start(d, "pair", "--workers", "2", "--heartbeat", "1", "--grace", "30")
