@@ -7,7 +7,7 @@ a temporary file, fsynced, then renamed. The epoch time is measured with the har
 channels_last there) on synthetic 32x32 images, and extrapolated from the training throughput to
 the 50,000 images of a CIFAR-10 epoch (evaluation left out, so the share is, if anything, too high).
 
-    python bench/checkpoint_cost.py [--arch resnet18_cifar] [--device auto|cpu|cuda] [--batch 512]
+    python bench/checkpoint_cost.py --device cpu|cuda [--arch resnet18_cifar] [--batch 512]
                                     [--images 2048] [--repeats 5] [--dir PATH] [--json-out PATH]
 
 On a CPU use a smaller --batch and --images (e.g. 32 and 96): the epoch is then a CPU epoch, and
@@ -44,7 +44,8 @@ CIFAR_TRAIN = 50_000
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="resnet18_cifar")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", required=True, help="cpu, cuda or cuda:N (required: a GPU figure must not silently come "
+                    "from the CPU)")
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--images", type=int, default=2048, help="training images timed (one epoch of them)")
     ap.add_argument("--repeats", type=int, default=5, help="checkpoint saves and loads timed (the median is kept)")
