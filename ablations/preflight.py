@@ -188,6 +188,10 @@ def gate(args: argparse.Namespace, grids: Sequence[tuple[str, Sequence]]) -> int
     cells = [c for _, grid in grids for c in grid]
     if not on_gpu or not cells or os.environ.get(PREFLIGHT_PASSED_ENV):
         return EXIT_OK
+    if gpus and not torch.cuda.is_available():  # name the option that asked for a GPU
+        from ablations.config import ConfigError
+
+        raise ConfigError("--gpus: CUDA is not available on this machine")
     from ablations.tracking import default_tracking_uri
 
     spec = "cuda" if gpus or args.device == "auto" else args.device
