@@ -8,7 +8,9 @@ Waits are for events (a checkpoint file, a line on stderr, a process's exit), ne
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import re
 import signal
@@ -255,13 +257,49 @@ def _epochs_logged(d: Path) -> int:
     return sum(len(client.get_metric_history(r.info.run_id, "test_top1_err")) for r in cell_runs(d, "timed"))
 
 
+def _seconds_per_step(batch: int) -> float:
+    """This machine's time for one training step of the timed grid's model, on one thread, as now loaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the grid's processes run (OMP_NUM_THREADS=1)
+    model = build_model(ExperimentConfig.model_validate(GRID_FILE["defaults"]).model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    try:
+        for _ in range(3):
+            step()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            step()
+        return (time.perf_counter() - t0) / 10
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_time_limit_stops_before_it_and_repeated_runs_finish_each_cell_once(tmp_path):
     """A grid needing several times the limit: each invocation exits 124 (stopped before its limit,
-    by its own clock) until one exits 0; then every cell has exactly one FINISHED run."""
-    d = write_store(tmp_path / "timed")
+    by its own clock) until one exits 0; then every cell has exactly one FINISHED run.
+
+    The grid's work is sized from a step time measured here, so that its training steps alone take
+    about three windows on this machine (quiet or loaded, slow or fast): no first invocation can
+    finish it, and a faster machine simply trains more epochs per window."""
     limit, progress = 40, 0
+    timed = GRID_FILE["grids"]["timed"]
+    cells = len(timed["axes"]["model.se.reduction"]) * len(timed["seeds"])
+    steps_per_epoch = GRID_FILE["defaults"]["dataset"]["train_size"] // timed["train"]["batch_size"]
+    epochs = max(4, math.ceil(3 * limit / (cells * steps_per_epoch * _seconds_per_step(timed["train"]["batch_size"]))))
+    grid_file = copy.deepcopy(GRID_FILE)
+    grid_file["grids"]["timed"]["train"]["epochs"] = epochs
+    d = tmp_path / "timed"
+    d.mkdir()
+    (d / "experiments.yaml").write_text(yaml.safe_dump(grid_file, sort_keys=False))
     codes, stops = [], []
-    while True:  # three or four runs on a quiet machine; slow, never red, on a loaded one
+    while True:  # three or four runs; slow, never red, on a loaded machine
         done = run(d, "timed", "--time-limit", f"{limit}s", "--time-margin", str(limit // 5))
         codes.append(done.returncode)
         assert done.returncode in (0, EXIT_TIME_LIMIT), done.stderr
@@ -275,7 +313,7 @@ def test_time_limit_stops_before_it_and_repeated_runs_finish_each_cell_once(tmp_
         if logged == progress:  # start-up ate the whole window (a loaded machine): give the next run more time
             limit *= 2
         progress = logged
-    print(f"invocations: {codes}; stopped after (s, limit): {stops}")
+    print(f"{epochs} epochs per cell; invocations: {codes}; stopped after (s, limit): {stops}")
     assert codes[0] == EXIT_TIME_LIMIT and codes[-1] == 0
     assert all(s < lim for s, lim in stops)
     finished = [r for r in cell_runs(d, "timed") if r.info.status == "FINISHED"]
@@ -283,7 +321,7 @@ def test_time_limit_stops_before_it_and_repeated_runs_finish_each_cell_once(tmp_
     assert all(r.info.status != "RUNNING" for r in cell_runs(d, "timed"))
     client = MlflowClient(tracking_uri=uri(d))
     for r in finished:  # a cell stopped and resumed still has each epoch once
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "test_top1_err")] == [1, 2, 3, 4]
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "test_top1_err")] == list(range(1, epochs + 1))
     assert not list((d / "checkpoints").glob("*/*.pt"))
 
 
