@@ -1,7 +1,7 @@
 """run_ablation: train the cells of declarative SE ablation grids and track them in MLflow.
 
 `run_ablation.py worker --grid NAME --storage URL ...` joins a grid's workers (docs/distributed.md).
-Exit codes (ablations/exit_codes.py): 0 every cell done; 1 some cell failed (each is named); 2 bad input;
+Exit codes (ablations/errors.py): 0 every cell done; 1 some cell failed (each is named); 2 bad input;
 75 preempted (SIGTERM/SIGUSR1: the running cell was checkpointed); 124 --time-limit reached; 130 interrupted.
 """
 
@@ -19,9 +19,9 @@ import torch
 from ablations.config import Cell, ConfigError, ExperimentsFile, load_experiments, parse_seeds, resolve_cells
 from ablations.data import DataError
 from ablations.errors import BadInput
-from ablations.checkpoint import add_checkpoint_options
-from ablations.exit_codes import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, EXIT_TIME_LIMIT
-from ablations.worker_options import add_parallel_options, wants_workers
+from ablations.train.checkpoint import add_checkpoint_options
+from ablations.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, EXIT_TIME_LIMIT
+from ablations.run.options import add_parallel_options, wants_workers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +77,7 @@ def _cells(args: argparse.Namespace) -> tuple[ExperimentsFile, list[tuple[str, l
 
 
 def _dry_run(grids: list[tuple[str, list[Cell]]], as_json: bool) -> None:
-    from ablations.runner import expected_image_size, expected_num_classes, with_num_classes
+    from ablations.run.runner import expected_image_size, expected_num_classes, with_num_classes
     from senet import build_model, complexity
 
     rows, measured = [], {}
@@ -111,7 +111,7 @@ def _report_or_analyze(args: argparse.Namespace, exps: ExperimentsFile) -> int:
 
     tracking_uri = args.tracking_uri or default_tracking_uri()
     if args.analyze:
-        from ablations.analysis import analyze_grid
+        from ablations.report.analysis import analyze_grid
 
         if not args.grid:
             raise ConfigError("--analyze: name the grid with --grid")
@@ -183,24 +183,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_device(args.device)
         if args.report or args.analyze:
             return _report_or_analyze(args, exps)
-        from ablations.timelimit import arm
+        from ablations.run.timelimit import arm
 
         arm(args.time_limit, args.time_margin)  # a bad duration is bad input before anything runs
 
-        from ablations.preflight import gate
+        from ablations.run.preflight import gate
 
         if code := gate(args, grids):  # on a GPU: one real step and one MLflow write, before any cell is claimed
             return code
         if worker:
-            from ablations.worker import work
+            from ablations.run.worker import work
 
             return work(args, exps, grids)
         if wants_workers(args):
-            from ablations.launcher import launch
+            from ablations.run.launcher import launch
 
             code = launch(args, exps, grids)
         else:
-            from ablations.worker import run_here
+            from ablations.run.worker import run_here
 
             code = run_here(args, exps, grids)  # this process is the grid's one worker
         if code in (EXIT_PREEMPTED, EXIT_TIME_LIMIT):  # the report waits for a run that finishes the grids

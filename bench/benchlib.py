@@ -35,7 +35,7 @@ def preflight_cuda(device: torch.device, compile: bool = False) -> None:
     """Before a GPU benchmark: one real training step with the harness's GPU settings; exit 2 with the cause."""
     if device.type != "cuda":
         return
-    from ablations.preflight import PreflightFailed, preflight
+    from ablations.run.preflight import PreflightFailed, preflight
 
     from ablations.config import ExperimentConfig
 

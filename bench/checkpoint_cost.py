@@ -1,7 +1,7 @@
 """Checkpoint cost: size and save/load time of one cell's checkpoint, as a share of an epoch.
 
 The checkpoint is what a running cell writes every `train.checkpoint_every` epochs and on
-preemption (ablations/checkpoint.py): model, SGD momentum buffers, RNG states, history; written to
+preemption (ablations/train/checkpoint.py): model, SGD momentum buffers, RNG states, history; written to
 a temporary file, fsynced, then renamed. The epoch time is measured with the harness trainer
 (`ablations.train.train`, the recipe of experiments.yaml: batch 512 on a GPU, bf16 and
 channels_last there) on synthetic 32x32 images, and extrapolated from the training throughput to
@@ -31,7 +31,7 @@ for _p in (ROOT, ROOT / "bench"):  # runnable as a script without installing the
 
 import torch  # noqa: E402
 
-from ablations import checkpoint as ckpt  # noqa: E402
+from ablations.train import checkpoint as ckpt  # noqa: E402
 from ablations.config import DatasetConfig, ExperimentConfig, TrainConfig  # noqa: E402
 from ablations.data import load_dataset  # noqa: E402
 from ablations.train import resolve_device, seed_everything, train  # noqa: E402

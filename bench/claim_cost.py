@@ -59,12 +59,12 @@ def drain_legacy(cells: list[Cell], storage: str) -> int:
 
 
 def drain(cells: list[Cell], storage: str) -> int:
-    """The worker loop as it is now (ablations.worker.drain_queues), with a cell runner that trains nothing."""
+    """The worker loop as it is now (ablations.run.worker.drain_queues), with a cell runner that trains nothing."""
     from optuna.trial import TrialState
 
-    from ablations.cellqueue import GridQueue
-    from ablations.heartbeat import beat
-    from ablations.worker import drain_queues
+    from ablations.run.cellqueue import GridQueue
+    from ablations.run.heartbeat import beat
+    from ablations.run.worker import drain_queues
 
     q = GridQueue("bench", cells, storage, heartbeat=20, grace=90)
     ran = []
@@ -89,7 +89,7 @@ def main() -> None:
     p.add_argument("--json-out", metavar="PATH")
     args = p.parse_args()
     if not args.legacy:  # imported before the clock starts (MLflow and torch take seconds to import)
-        import ablations.worker  # noqa: F401
+        import ablations.run.worker  # noqa: F401
     rows = []
     for n in args.cells or [600, 5000]:
         cells = synthetic_cells(n)

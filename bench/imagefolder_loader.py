@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 import benchlib  # noqa: E402  (bench/benchlib.py)
 
-from ablations import augment  # noqa: E402
+from ablations.data import augment  # noqa: E402
 from ablations.data import iterate_batches, load_dataset  # noqa: E402
 
 ARCHIVE = "imagenette-224-mini.tar.gz"

@@ -52,7 +52,7 @@ import se_overhead  # noqa: E402  (bench/se_overhead.py: step_time)
 from ablations.config import ExperimentConfig, TrainConfig  # noqa: E402
 from ablations.data import (CIFAR10_MEAN, CIFAR10_STD, WORKERS_PER_DEVICE_ENV, Dataset, default_cache_dir,  # noqa: E402
                            load_dataset)
-from ablations.fsutil import build_once  # noqa: E402
+from ablations.util.fs import build_once  # noqa: E402
 from ablations.train import evaluate, lr_at, seed_everything  # noqa: E402
 from ablations.train import train as harness_train  # noqa: E402
 from senet import build_model, complexity  # noqa: E402

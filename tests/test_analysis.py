@@ -14,7 +14,7 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
-from ablations.analysis import (
+from ablations.report.analysis import (
     analyze_grid, analyze_run, balanced_subset, block_table, collect_excitations, findings_paragraph, write_outputs,
 )
 from ablations.cli import main

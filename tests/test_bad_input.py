@@ -24,8 +24,8 @@ from mlflow import MlflowClient
 from ablations import report
 from ablations.cli import main
 from ablations.config import ConfigError, load_experiments, resolve_cells
-from ablations.exit_codes import EXIT_BAD_INPUT, EXIT_OK
-from ablations.runner import with_num_classes
+from ablations.errors import EXIT_BAD_INPUT, EXIT_OK
+from ablations.run.runner import with_num_classes
 from ablations.tracking import CellRun, ensure_experiment, runs_of
 from senet import build_model
 from senet.resnet import ARCHS, BasicBlock, ResNet
@@ -351,7 +351,7 @@ def test_report_without_preset_on_a_smoke_store_writes_nothing(work, capsys, bla
 def test_smoke_figures_and_findings_say_smoke(work, blank_db):
     """Preset runs are pipeline checks: their figure titles say so, and the role-of-SE findings do not
     read a 1-epoch model against the paper's Section 7."""
-    from ablations.analysis import analyze_run
+    from ablations.report.analysis import analyze_run
 
     exps = load_experiments(work / "exp.yaml")
     uri, run_id = smoke_store(work / "store", blank_db, exps)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ablations.train import TrainConfig
+from ablations.config import TrainConfig
 
 from conftest import SHARED
 

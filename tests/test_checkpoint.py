@@ -24,10 +24,10 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from ablations import checkpoint as ckpt
+from ablations.train import checkpoint as ckpt
 from ablations.config import DatasetConfig, ExperimentConfig, TrainConfig
 from ablations.data import load_dataset
-from ablations.exit_codes import EXIT_PREEMPTED, EXIT_TIME_LIMIT
+from ablations.errors import EXIT_PREEMPTED, EXIT_TIME_LIMIT
 from ablations.train import TrainingStopped, seed_everything, train
 from senet import build_model
 
@@ -330,9 +330,9 @@ def test_launcher_passes_sigusr1_to_its_workers_as_a_preemption(tmp_path):
     'preempted' (no retry used up), the launcher exits 75; the next launch resumes both runs."""
     from optuna.trial import TrialState
 
-    from ablations.cellqueue import GridQueue
+    from ablations.run.cellqueue import GridQueue
     from ablations.config import load_experiments, resolve_cells
-    from ablations.storage import JOURNAL_NAME
+    from ablations.run.storage import JOURNAL_NAME
 
     d = write_store(tmp_path / "pair")
     launcher = start(d, "pair", "--workers", "2", "--heartbeat", "1", "--grace", "30")

@@ -1,4 +1,4 @@
-"""Tests for ablations.data (datasets, cache, batch iterator) and ablations.augment.
+"""Tests for ablations.data (datasets, cache, batch iterator) and ablations.data.augment.
 
 Real-data tests use conftest's re-packed subset of the real CIFAR-10 JPEG archive (the full
 60k decode is opt-in, see below) and the small imagenette-mini archive; the rest is synthetic.
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from ablations import augment, data
+from ablations.data import augment, data
 from ablations.data import DataError, Dataset, DeviceSplit, Split, iterate_batches, load_dataset
 from conftest import CIFAR_TGZ, SHARED
 

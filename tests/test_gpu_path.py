@@ -274,7 +274,7 @@ def test_channels_last_survives_augmentation_and_the_zero_pad_shortcut():
 def _preflight(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("SENET_PREFLIGHT_PASSED", None)
-    return subprocess.run([sys.executable, "-m", "ablations.preflight", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "ablations.run.preflight", *args], cwd=cwd, env=env,
                           capture_output=True, text=True)
 
 
@@ -286,7 +286,7 @@ def test_preflight_trains_one_step_and_writes_the_store(tmp_path):
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
 
-    from ablations.preflight import _store_write
+    from ablations.run.preflight import _store_write
 
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("_preflight")

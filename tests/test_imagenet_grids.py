@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from ablations import paper
+from ablations.report import paper
 from ablations.cli import main
 from ablations.config import load_experiments, resolve_cells
 from conftest import ROOT, SHARED
@@ -89,7 +89,7 @@ ONE_STEP = ["dataset.image_size=64", "dataset.train_size=8", "dataset.test_size=
 @needs_imagenette
 def test_every_imagenet_grid_cell_trains_one_step_on_imagenette(shipped, tmp_path):
     """All 26 cells of the seven grids, one optimiser step each, on real Imagenette images."""
-    from ablations.runner import load_data, with_num_classes
+    from ablations.run.runner import load_data, with_num_classes
     from ablations.train import train
     from senet import build_model, se_blocks
 
@@ -138,7 +138,7 @@ def test_imagenet_grid_end_to_end_names_dataset_and_resolution(tmp_path, monkeyp
 
 def test_class_list_file_in_the_config(shipped, tmp_path, monkeypatch):
     """ImageNet-100 is a list, not a copy: dataset.classes takes a file; --dry-run counts its classes."""
-    from ablations.runner import expected_num_classes
+    from ablations.run.runner import expected_num_classes
 
     (tmp_path / "two.txt").write_text("n01440764  # tench\nn02102040\n")
     monkeypatch.chdir(tmp_path)

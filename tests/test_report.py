@@ -21,7 +21,8 @@ from mlflow.entities import Metric
 from nbclient import NotebookClient
 from PIL import Image
 
-from ablations import paper, report
+from ablations import report
+from ablations.report import paper
 from ablations.config import load_experiments, resolve_cells
 from ablations.tracking import CellRun, ensure_experiment, runs_of
 
@@ -313,7 +314,7 @@ def test_generic_layout_for_a_grid_without_paper_table(tmp_path, new_store):
 
 
 def test_paper_numbers_are_the_reference_notes():
-    """Every number in ablations/paper.py appears in the reference notes it was copied from."""
+    """Every number in ablations/report/paper.py appears in the reference notes it was copied from."""
     notes = ROOT.parent / "shared" / "reference" / "senet-paper-tables.md"
     if not notes.is_file():
         pytest.skip(f"reference notes absent: {notes}")

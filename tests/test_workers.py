@@ -26,13 +26,13 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from ablations import cellqueue as Q
-from ablations import heartbeat as H
-from ablations import storage as S
-from ablations import worker_options as O
+from ablations.run import cellqueue as Q
+from ablations.run import heartbeat as H
+from ablations.run import storage as S
+from ablations.run import options as O
 from ablations.cli import main
 from ablations.config import load_experiments, resolve_cells
-from ablations.runner import CellAborted
+from ablations.run.runner import CellAborted
 from ablations.tracking import retry_locked
 from conftest import SAFETY_TIMEOUT, wait_for_exit, wait_until
 

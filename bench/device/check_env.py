@@ -205,12 +205,12 @@ def optuna_api(tmp: Path) -> str:
 def project_imports() -> str:
     import torch
 
-    import ablations.analysis  # noqa: F401
+    import ablations.report.analysis  # noqa: F401
     import ablations.cli  # noqa: F401
     import ablations.report  # noqa: F401
-    import ablations.runner  # noqa: F401
+    import ablations.run.runner  # noqa: F401
     import ablations.tracking  # noqa: F401
-    import ablations.worker  # noqa: F401
+    import ablations.run.worker  # noqa: F401
 
     return f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}"
 

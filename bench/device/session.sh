@@ -19,7 +19,7 @@
 #                       for NAME=reduction followed by analyze:reduction when the grid finished (exit 0)
 #        analyze:NAME   run_ablation.py --device cuda --grid NAME --analyze                        (+ $GRID_ARGS)
 # @SECONDS caps that step (default: check 120, bench 420, loaders 150, grid 480, analyze 150).
-# Before any step: the wheel set's check (check_env.py --torch) and `python -m ablations.preflight
+# Before any step: the wheel set's check (check_env.py --torch) and `python -m ablations.run.preflight
 # --device cuda` (one real training step on the GPU and one write to the store); if the preflight
 # fails, no step runs. A step that fails or runs out of time does not stop the next one.
 # Every GPU step names --device cuda: a run that cannot use the GPU stops, it never trains on the CPU.
@@ -149,7 +149,7 @@ grid_cmd() {  # grid_cmd NAME [--analyze]: sets CMD (GRID_ARGS is split on space
 
 # The wheel set, then one real training step on the GPU and one write to the store (a command, for `timeout`).
 PREFLIGHT=(bash -c 'python3 bench/device/check_env.py --torch --wheels "$1" &&
-  python3 -m ablations.preflight --device cuda --tracking-uri "sqlite:///$2/mlflow.db"' preflight "$WHEELS" "$STORE")
+  python3 -m ablations.run.preflight --device cuda --tracking-uri "sqlite:///$2/mlflow.db"' preflight "$WHEELS" "$STORE")
 
 main() {
   say "GPU run on $(hostname 2>/dev/null || cat /etc/hostname 2>/dev/null), steps: ${STEPS[*]:-<none: preflight only>};" \

@@ -14,14 +14,14 @@ from typing import Sequence, TextIO
 
 from optuna.trial import TrialState
 
-from ablations.cellqueue import CellStatus, GridQueue, count
+from ablations.run.cellqueue import CellStatus, GridQueue, count
 from ablations.config import Cell, ExperimentsFile
-from ablations.progress import eta, fmt_duration
-from ablations.storage import default_storage, new_series
-from ablations.checkpoint import STOP, checkpoints_for
-from ablations.worker import open_grids
-from ablations.worker_options import check_args, gpus_for, worker_slots
-from ablations.worker_output import summary
+from ablations.run.progress import eta, fmt_duration
+from ablations.run.storage import default_storage, new_series
+from ablations.train.checkpoint import STOP, checkpoints_for
+from ablations.run.worker import open_grids
+from ablations.run.options import check_args, gpus_for, worker_slots
+from ablations.run.output import summary
 
 
 class GridMonitor:
@@ -127,8 +127,8 @@ def _spawn(args: argparse.Namespace, slots: Sequence[str | None], tracking_uri: 
 
 def launch(args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]]) -> int:
     """`--workers N` (and/or --gpus): queue the grids, start N local workers, show progress."""
-    from ablations.exit_codes import EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_TIME_LIMIT
-    from ablations.runner import load_data
+    from ablations.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_TIME_LIMIT
+    from ablations.run.runner import load_data
     from ablations.tracking import default_tracking_uri
 
     check_args(args)
@@ -173,7 +173,7 @@ def launch(args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[tupl
         EXIT_TIME_LIMIT in codes else EXIT_PREEMPTED if EXIT_PREEMPTED in codes else None
     unsettled = any(s.state not in ("done", "failed") for q in queues for s in q.statuses(q.retries(args.retries)).values())
     if stop_code is not None and unsettled:
-        from ablations.timelimit import stop_summary
+        from ablations.run.timelimit import stop_summary
         from ablations.tracking import client_for
 
         why = STOP.reason or ("a worker was preempted" if stop_code == EXIT_PREEMPTED else "time limit reached")

@@ -22,7 +22,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from ablations.config import Cell
-from ablations.storage import file_lock, open_storage, pg_lock, study_name
+from ablations.run.storage import file_lock, open_storage, pg_lock, study_name
 
 
 @dataclass(frozen=True)

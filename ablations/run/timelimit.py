@@ -18,7 +18,7 @@ from typing import Sequence, TextIO
 
 from mlflow import MlflowClient
 
-from ablations.checkpoint import STOP, Checkpoints, fmt_seconds
+from ablations.train.checkpoint import STOP, Checkpoints, fmt_seconds
 from ablations.config import Cell, ConfigError, ExperimentConfig
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -3,7 +3,7 @@
 Every dataset is decoded ONCE into equal-size uint8 images (N, H, W, 3) + int64 labels and
 cached as .npy under ``cache_dir`` (images reopened with ``mmap_mode='r'``). Training slices
 those arrays directly, moves the batch to the device and augments the whole batch there
-(see ``ablations.augment``). On CUDA a split that fits is made resident on the GPU once.
+(see ``ablations.data.augment``). On CUDA a split that fits is made resident on the GPU once.
 
 Image-folder trees scale past RAM: images are decoded once, at the training resolution (the
 shorter side resized to round(image_size * 8/7), ~1.15x the crop), in bounded chunks written
@@ -44,7 +44,7 @@ import torch
 from filelock import FileLock
 from torch import Tensor
 
-from ablations import augment
+from ablations.data import augment
 
 __all__ = [
     "Split", "Dataset", "DataError", "DeviceSplit", "load_dataset", "iterate_batches",

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from ablations.config import ExperimentConfig
 from ablations.errors import BadInput, StoreError, WeightsError
 from ablations.data import Dataset, Split, iterate_batches, load_dataset
-from ablations.progress import eta, fmt_duration
+from ablations.run.progress import eta, fmt_duration
 from ablations.tracking import runs_of
 from senet import build_model, se_blocks
 
@@ -425,7 +425,7 @@ def write_outputs(stats: ExcitationStats, directory: Path, title: str, preset_no
     """Figures (PNG + PDF), the block table (CSV + Markdown), per-channel arrays and the findings.
 
     `preset_note` (a preset run) replaces the comparison with the paper in the findings."""
-    from ablations import role_plots
+    from ablations.report import role_plots
 
     directory.mkdir(parents=True, exist_ok=True)
     table = block_table(stats)

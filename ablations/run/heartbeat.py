@@ -20,8 +20,8 @@ import optuna
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from ablations.cellqueue import GridQueue
-from ablations.runner import CellAborted
+from ablations.run.cellqueue import GridQueue
+from ablations.run.runner import CellAborted
 
 
 def pid_alive(pid: int) -> bool:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from ablations.exit_codes import EXIT_PREEMPTED, EXIT_TIME_LIMIT
+from ablations.errors import EXIT_PREEMPTED, EXIT_TIME_LIMIT
 
 FORMAT = 1
 CHECKPOINT_NAME = "last.pt"

@@ -1,4 +1,4 @@
-"""Figures of the role-of-SE analysis (paper Figs. 6 and 7), from `ablations.analysis` statistics.
+"""Figures of the role-of-SE analysis (paper Figs. 6 and 7), from `ablations.report.analysis` statistics.
 
 Made without pyplot (no global state, no GUI backend), saved as PNG and PDF without dates in them.
 Blocks are named as in the paper, SE_<stage>_<block>.
@@ -20,10 +20,10 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, NullLocator, PercentFormatter
 
-from ablations.plots import FORMATS, save_figure
+from ablations.report.plots import FORMATS, save_figure
 
 if TYPE_CHECKING:  # types only: analysis calls this module to draw, it must not import analysis back
-    from ablations.analysis import BlockStats, ExcitationStats
+    from ablations.report.analysis import BlockStats, ExcitationStats
 
 MAX_CHANNELS = 64  # Fig. 6 shows a sample of channels; more than 64 lines' worth of x is unreadable
 MAX_CLASSES = 10  # more class curves than tab10 has colours cannot be told apart

@@ -7,7 +7,7 @@ import argparse
 from typing import Sequence
 
 from ablations.config import ConfigError
-from ablations.storage import JOURNAL_NAME
+from ablations.run.storage import JOURNAL_NAME
 
 
 def add_parallel_options(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""One cell -> one MLflow run: train a claimed cell and log it (ablations/worker.py claims the cells)."""
+"""One cell -> one MLflow run: train a claimed cell and log it (ablations/run/worker.py claims the cells)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from typing import Callable, Mapping, Sequence
 import torch
 from mlflow import MlflowClient
 
-from ablations import checkpoint as ckpt
-from ablations.checkpoint import STOP, Checkpoints, TrainingStopped
+from ablations.train import checkpoint as ckpt
+from ablations.train.checkpoint import STOP, Checkpoints, TrainingStopped
 from ablations.config import Cell, ConfigError, DatasetConfig, ExperimentConfig
 from ablations.data import Dataset, DataError, load_dataset
-from ablations.progress import GridProgress
+from ablations.run.progress import GridProgress
 from ablations.tracking import CellRun
 from ablations.train import CellFailed, EpochStats, seed_everything, train
 from senet import build_model, complexity, se_blocks
@@ -222,7 +222,7 @@ def execute_cell(cell: Cell, data: Dataset, client: MlflowClient, experiment_id:
     the run is marked FINISHED (final=True): raising CellAborted there ends the run KILLED. `on_run`
     sees the run as soon as it exists.
     """
-    from ablations.timelimit import refuse_to_start
+    from ablations.run.timelimit import refuse_to_start
 
     config = with_num_classes(cell.config, len(data.classes))
     if (why := STOP.check()) is not None:

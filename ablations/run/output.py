@@ -6,10 +6,10 @@ from __future__ import annotations
 import io
 from typing import Mapping, Sequence, TextIO
 
-from ablations.cellqueue import CellStatus, GridQueue, count
+from ablations.run.cellqueue import CellStatus, GridQueue, count
 from ablations.config import Cell
-from ablations.exit_codes import EXIT_FAILED, EXIT_OK
-from ablations.progress import GridProgress
+from ablations.errors import EXIT_FAILED, EXIT_OK
+from ablations.run.progress import GridProgress
 
 
 class Prefixed(io.TextIOBase):

@@ -28,7 +28,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from scipy import stats
 
-from ablations import paper
+from ablations.report import paper
 from ablations.config import ExperimentsFile, GridConfig, load_experiments, variant_name
 from ablations.errors import OutputError
 from ablations.tracking import runs_of
@@ -529,7 +529,7 @@ class GridReport:
 
     def figures(self, history: pd.DataFrame | None = None) -> dict[str, Any]:
         """name -> matplotlib Figure; `history` from metric_histories adds the learning curves."""
-        from ablations import plots  # matplotlib only when figures are wanted
+        from ablations.report import plots  # matplotlib only when figures are wanted
 
         if self.layout is None or self.runs.empty:
             return {}
@@ -626,7 +626,7 @@ def _safe(name: str) -> str:
 
 def save_report(report: GridReport, directory: Path, history: pd.DataFrame | None = None) -> list[Path]:
     """Write the tables and figures of one report into `directory`; stale files of ours are removed first."""
-    from ablations import plots
+    from ablations.report import plots
 
     directory.mkdir(parents=True, exist_ok=True)
     for name in FIGURES:
@@ -751,7 +751,7 @@ def write_index(results_dir: str | Path = "results") -> Path:
 
 
 def _role_of_se_section(folder: Path, root: Path) -> list[str]:
-    """The findings paragraph and figure links of each analysed run (ablations.analysis writes them)."""
+    """The findings paragraph and figure links of each analysed run (ablations.report.analysis writes them)."""
     lines: list[str] = []
     for findings in sorted(folder.glob("role_of_se/*/findings.md")):
         run_dir = findings.parent

@@ -3,7 +3,7 @@
     config -> cells -> (enqueued as WAITING trials) -> claimed by workers -> runs -> MLflow
 
 There is one way to run a cell. A plain `run_ablation.py --grid X` is this loop in its own
-process (one worker); `--workers N` starts N processes that each run it (ablations/launcher.py);
+process (one worker); `--workers N` starts N processes that each run it (ablations/run/launcher.py);
 `run_ablation.py worker` joins a grid from any machine. All of them claim cells from the same
 Optuna study, so a cell runs once however many processes work on a grid and however they were
 started. docs/distributed.md explains the design.
@@ -24,14 +24,14 @@ from typing import Callable, Sequence, TextIO
 
 from optuna.trial import FrozenTrial, TrialState
 
-from ablations.cellqueue import CellStatus, GridQueue, count, settled
-from ablations.checkpoint import STOP, checkpoints_for, exit_code_for
-from ablations.exit_codes import EXIT_TIME_LIMIT
+from ablations.run.cellqueue import CellStatus, GridQueue, count, settled
+from ablations.train.checkpoint import STOP, checkpoints_for, exit_code_for
+from ablations.errors import EXIT_TIME_LIMIT
 from ablations.config import Cell, ExperimentsFile
-from ablations.heartbeat import Heartbeat, reap_stale
-from ablations.storage import check_storage, default_storage, is_rdb, new_series, open_storage, store_init_lock
-from ablations.worker_options import check_args
-from ablations.worker_output import Prefixed, WorkerProgress, summary
+from ablations.run.heartbeat import Heartbeat, reap_stale
+from ablations.run.storage import check_storage, default_storage, is_rdb, new_series, open_storage, store_init_lock
+from ablations.run.options import check_args
+from ablations.run.output import Prefixed, WorkerProgress, summary
 
 Statuses = dict[str, CellStatus]
 
@@ -154,7 +154,7 @@ class Worker:
     def __init__(self, args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]],
                  stream: TextIO | None = None, *, prefix: bool = True, live: bool | None = False,
                  fresh_launch: bool = False) -> None:
-        from ablations.runner import load_data
+        from ablations.run.runner import load_data
         from ablations.tracking import default_tracking_uri
         from ablations.train import resolve_device
 
@@ -223,7 +223,7 @@ class Worker:
             if self.launched:  # the launcher sums up for all its workers
                 self.say(f"stopped: {reason}; its cells stay claimable, run again to continue")
             else:
-                from ablations.timelimit import stop_summary
+                from ablations.run.timelimit import stop_summary
 
                 stop_summary(self.client, [(g.queue.grid, list(g.queue.cells.values())) for g in self.grids],
                              self.checkpoints, reason, self.out, estimate=code == EXIT_TIME_LIMIT)
@@ -235,7 +235,7 @@ class Worker:
     def run_trial(self, q: GridQueue, trial: FrozenTrial) -> bool:
         """Run one claimed trial's cell, unless it is a duplicate or already FINISHED in MLflow.
         Returns True when the queue should be reconciled now (the cell failed: a retry may be due)."""
-        from ablations.runner import dataset_key, execute_cell
+        from ablations.run.runner import dataset_key, execute_cell
         from ablations.tracking import finished_run_of
 
         g, cell = self._by_queue[id(q)], q.cells[trial.user_attrs["cell_id"]]
@@ -281,7 +281,7 @@ class Worker:
 
 def duplicate_in(q: GridQueue, trial: FrozenTrial) -> FrozenTrial | None:
     """An older live trial of the same cell (a storage without an enqueue lock can enqueue a cell twice)."""
-    from ablations.cellqueue import duplicate_of
+    from ablations.run.cellqueue import duplicate_of
 
     return duplicate_of(trial, q.same_cell(trial))
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ablations.checkpoint import TrainingStopped, set_rng_state, training_state
+from ablations.train.checkpoint import TrainingStopped, set_rng_state, training_state
 from ablations.config import ExperimentConfig, TrainConfig
 from ablations.data import Dataset, is_resident, iterate_batches
 
@@ -128,7 +128,7 @@ def _gpu_defaults(bf16: bool) -> None:
     measures them): cudnn.benchmark (input shapes are fixed within a cell, drop_last, so autotuning
     once pays off); TF32 for fp32 matmuls and convolutions when bf16 autocast is off; batches that
     arrive in the compute dtype (normalize casts once, the model's first layer casts nothing);
-    channels_last from the NHWC storage through augmentation without a layout copy (ablations.augment);
+    channels_last from the NHWC storage through augmentation without a layout copy (ablations.data.augment);
     and a zero-pad shortcut that keeps the layout (senet.resnet.PadShortcut). On a CPU only the
     layout and dtype behaviour is checked (tests/test_gpu_path.py), not any speed.
     """
@@ -288,7 +288,7 @@ def train(cfg: ExperimentConfig, model: nn.Module, data: Dataset, device: torch.
           should_stop: Callable[[], tuple[str, str] | None] | None = None) -> TrainResult:
     """Train `model` on `data` as `cfg.train` says; raise CellFailed on divergence or OOM.
 
-    `resume`: a checkpoint (ablations.checkpoint) to continue from. `on_checkpoint(state)` gets the
+    `resume`: a checkpoint (ablations.train.checkpoint) to continue from. `on_checkpoint(state)` gets the
     state every `train.checkpoint_every` epochs and at the last. `should_stop()`, polled at every
     step boundary, returns (kind, reason) to stop: the state goes to `on_checkpoint` at once, even
     mid-epoch, and TrainingStopped is raised.

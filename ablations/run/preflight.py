@@ -1,6 +1,6 @@
 """Preflight: one real training step on the run's device, with the run's settings, before any cell is claimed.
 
-    python -m ablations.preflight --device cuda --tracking-uri sqlite:///mlflow.db [--compile]
+    python -m ablations.run.preflight --device cuda --tracking-uri sqlite:///mlflow.db [--compile]
 
 It exercises what a grid will use - the device, bf16 autocast, fused SGD, channels_last,
 torch.compile when on, the batch iterator, evaluation - through `train()` itself on a
@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ablations.exit_codes import EXIT_BAD_INPUT, EXIT_OK
+from ablations.errors import EXIT_BAD_INPUT, EXIT_OK
 
 # Set once a preflight passed in this process; the workers a launcher starts inherit it and skip theirs.
 PREFLIGHT_PASSED_ENV = "SENET_PREFLIGHT_PASSED"
@@ -92,7 +92,7 @@ def _training_step(config, device: torch.device) -> str:
         "model": config.model.model_copy(update={"num_classes": classes}),
         "train": config.train.model_copy(update={"epochs": 1, "warmup_epochs": 0.0}),
     })
-    from ablations.runner import expected_image_size
+    from ablations.run.runner import expected_image_size
 
     image_size = expected_image_size(config.dataset)
     bs = config.train.batch_size
@@ -199,7 +199,7 @@ def gate(args: argparse.Namespace, grids: Sequence[tuple[str, Sequence]]) -> int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ablations.preflight", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ablations.run.preflight", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", required=True, help="cuda | cuda:N | cpu (no default: say which one the run uses)")
     p.add_argument("--tracking-uri", metavar="URI", help="MLflow store to write one (deleted) run to")
     p.add_argument("--arch", default="resnet20", help="model architecture (default: %(default)s)")

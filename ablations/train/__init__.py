@@ -1,0 +1,11 @@
+"""Training one cell: the loop (`loop`), its checkpoints and stop requests (`checkpoint`).
+
+The names most callers need are re-exported here: `from ablations.train import train`.
+"""
+
+from ablations.train.checkpoint import TrainingStopped
+from ablations.train.loop import (CellFailed, EpochStats, Observer, TrainResult, evaluate, lr_at, resolve_device,
+                                  seed_everything, train)
+
+__all__ = ["CellFailed", "EpochStats", "Observer", "TrainResult", "TrainingStopped", "evaluate",
+           "lr_at", "resolve_device", "seed_everything", "train"]
