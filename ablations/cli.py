@@ -151,7 +151,7 @@ def _report_quietly(tracking_uri: str, grid: str, exps: ExperimentsFile, results
 
 def _check_device(spec: str) -> None:
     """A --device this machine does not have is bad input (resolve_device says why in a ValueError)."""
-    from ablations.train import resolve_device
+    from ablations.util.device import resolve_device
 
     try:
         resolve_device(spec)

@@ -25,6 +25,8 @@ from mlflow.entities import Metric, Param, Run, RunTag
 
 from ablations.config import Cell, ExperimentConfig
 from ablations.errors import StoreError
+from ablations.util.paths import beside_store
+from ablations.util.procs import pid_alive
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = {"FINISHED", "FAILED", "KILLED"}
@@ -38,8 +40,7 @@ def default_tracking_uri() -> str:
 def _artifact_location(tracking_uri: str, name: str) -> str | None:
     # Keep a local store's artifacts beside its database, not wherever the process happened to start.
     if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri.removeprefix("sqlite:///"))
-        return (db.parent / "mlartifacts" / name).resolve().as_uri()
+        return (beside_store(tracking_uri, "mlartifacts") / name).as_uri()
     return None
 
 
@@ -245,22 +246,12 @@ def kill_running(client: MlflowClient, experiment_id: str, tags: Mapping[str, st
     return len(runs)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def reap_dead_runs(client: MlflowClient, experiment_id: str) -> int:
     """Mark RUNNING runs whose process on this host is gone as KILLED; they will run again."""
     host, reaped = socket.gethostname(), 0
     for run in runs_of(client, experiment_id, "attributes.status = 'RUNNING'"):
         tags = run.data.tags
-        if tags.get("host") == host and tags.get("pid", "").isdigit() and not _pid_alive(int(tags["pid"])):
+        if tags.get("host") == host and tags.get("pid", "").isdigit() and not pid_alive(int(tags["pid"])):
             client.set_tag(run.info.run_id, "failure_reason", "process died (found RUNNING at a later start)")
             client.set_terminated(run.info.run_id, status="KILLED")
             reaped += 1

@@ -34,7 +34,8 @@ import torch  # noqa: E402
 from ablations.train import checkpoint as ckpt  # noqa: E402
 from ablations.config import DatasetConfig, ExperimentConfig, TrainConfig  # noqa: E402
 from ablations.data import load_dataset  # noqa: E402
-from ablations.train import resolve_device, seed_everything, train  # noqa: E402
+from ablations.train import seed_everything, train
+from ablations.util.device import resolve_device  # noqa: E402
 from benchlib import environment, sync  # noqa: E402
 from senet import build_model  # noqa: E402
 

@@ -47,7 +47,8 @@ from torch import Tensor, nn
 from ablations.config import ExperimentConfig
 from ablations.errors import BadInput, StoreError, WeightsError
 from ablations.data import Dataset, Split, iterate_batches, load_dataset
-from ablations.run.progress import eta, fmt_duration
+from ablations.util.device import resolve_device
+from ablations.util.timefmt import eta, fmt_duration
 from ablations.tracking import runs_of
 from senet import build_model, se_blocks
 
@@ -402,14 +403,6 @@ def _test_data(config: ExperimentConfig, data_root: str | None, cache_dir: str |
     return data
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    from ablations.train import resolve_device
-
-    return resolve_device(device)
-
-
 def _preset_note(preset: str | None, config: ExperimentConfig) -> str | None:
     """For a preset run: what it is (a pipeline check), so that nobody reads it against the paper."""
     if not preset:
@@ -453,7 +446,7 @@ def analyze_run(tracking_uri: str, run_id: str, *, results_dir: str | Path = "re
     config, state = _load_run(client, run_id)
     if config.model.se is None:
         raise BadInput(f"run {run_id} is the plain backbone: it has no SE blocks to analyse")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     data = _test_data(config, data_root, cache_dir)
     model = build_model(config.model)
     try:
@@ -518,7 +511,7 @@ def analyze_grid(tracking_uri: str, grid: str, *, results_dir: str | Path = "res
     if not runs:
         which = f" with preset {preset}" if preset else " without a preset"
         print(f"role of SE: grid {grid} has no FINISHED run with SE blocks{which}", file=sys.stderr, flush=True)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     if runs:
         print(f"role of SE: {len(runs)} run(s) of {grid} on {device}", file=sys.stderr, flush=True)
     out: list[Path] = []

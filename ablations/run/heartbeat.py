@@ -22,16 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ablations.run.cellqueue import GridQueue
 from ablations.run.runner import CellAborted
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
+from ablations.util.procs import pid_alive
 
 
 def beat(queue: GridQueue, trial: FrozenTrial) -> bool:

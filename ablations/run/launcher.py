@@ -16,12 +16,12 @@ from optuna.trial import TrialState
 
 from ablations.run.cellqueue import CellStatus, GridQueue, count
 from ablations.config import Cell, ExperimentsFile
-from ablations.run.progress import eta, fmt_duration
 from ablations.run.storage import default_storage, new_series
 from ablations.train.checkpoint import STOP, checkpoints_for
 from ablations.run.worker import open_grids
 from ablations.run.options import check_args, gpus_for, worker_slots
 from ablations.run.output import summary
+from ablations.util.timefmt import eta, fmt_duration
 
 
 class GridMonitor:

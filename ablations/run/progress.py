@@ -11,25 +11,8 @@ import time
 from typing import TextIO
 
 from ablations.config import Cell
+from ablations.util.timefmt import eta, fmt_duration
 from ablations.train import EpochStats
-
-
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds or seconds == float("inf"):
-        return "?"
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
-
-
-def eta(elapsed: float, fraction: float) -> float | None:
-    """Seconds left for work that took `elapsed` seconds to get `fraction` (0..1] done, at the same pace.
-
-    The one ETA rule of the harness: a cell's (by steps), a grid's (by cells), the launcher's."""
-    if fraction <= 0:
-        return None
-    return elapsed / fraction * (1 - min(fraction, 1.0))
 
 
 class GridProgress:

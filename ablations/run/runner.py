@@ -20,6 +20,8 @@ from ablations.data import Dataset, DataError, load_dataset
 from ablations.run.progress import GridProgress
 from ablations.tracking import CellRun
 from ablations.train import CellFailed, EpochStats, seed_everything, train
+from ablations.util.procs import pid_alive
+from ablations.util.timefmt import fmt_duration
 from senet import build_model, complexity, se_blocks
 
 _KNOWN_CLASSES = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
@@ -182,7 +184,6 @@ def resumable(client: MlflowClient, cell: Cell, checkpoints: Checkpoints) -> dic
     """The checkpoint of `cell` to continue from, if its run stopped without finishing or failing:
     KILLED (Ctrl-C, preempted, out of time, a dead worker), or RUNNING with its process gone from
     this host. A checkpoint of a FINISHED or FAILED run is stale: it is deleted (unless kept)."""
-    from ablations.tracking import _pid_alive
 
     path = checkpoints.path(cell.cell_id)
     if not path.is_file():
@@ -201,7 +202,7 @@ def resumable(client: MlflowClient, cell: Cell, checkpoints: Checkpoints) -> dic
             checkpoints.discard(cell.cell_id)
         return None
     if status == "RUNNING" and not (tags.get("host") == socket.gethostname() and tags.get("pid", "").isdigit()
-                                    and not _pid_alive(int(tags["pid"]))):
+                                    and not pid_alive(int(tags["pid"]))):
         return None  # possibly alive elsewhere: not ours to take over
     return state
 
@@ -230,7 +231,7 @@ def execute_cell(cell: Cell, data: Dataset, client: MlflowClient, experiment_id:
     resume = resumable(client, cell, checkpoints) if checkpoints is not None else None
     refusal = refuse_to_start(client, cell, config, resume, len(data.train.labels))
     if refusal is not None:
-        reason = f"time limit {ckpt.fmt_seconds(STOP.limit)}: not starting {cell.variant} seed={cell.seed}, {refusal}"
+        reason = f"time limit {fmt_duration(STOP.limit)}: not starting {cell.variant} seed={cell.seed}, {refusal}"
         progress.note(f"[{cell.grid}] {reason}")
         return CellResult("STOPPED", "", reason, exit_code=ckpt.exit_code_for("time_limit"), kind="time_limit")
     run = CellRun(client, experiment_id, cell, device, data.source, config, extra_tags=tags,

@@ -22,6 +22,7 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
 from ablations.config import ConfigError
+from ablations.util.paths import beside_store
 
 if TYPE_CHECKING:
     from ablations.config import Cell
@@ -33,11 +34,7 @@ JOURNAL_NAME = "optuna-journal.log"
 
 def default_storage(tracking_uri: str) -> str:
     """The journal file beside the MLflow store (no server needed), or in the current folder."""
-    if tracking_uri.startswith("sqlite:///"):
-        return str(Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / JOURNAL_NAME)
-    if "://" not in tracking_uri or tracking_uri.startswith("file:"):
-        return str(Path(tracking_uri.removeprefix("file://")).resolve().parent / JOURNAL_NAME)
-    return str(Path.cwd() / JOURNAL_NAME)
+    return str(beside_store(tracking_uri, JOURNAL_NAME))
 
 
 def is_rdb(url: str) -> bool:

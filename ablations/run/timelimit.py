@@ -18,8 +18,9 @@ from typing import Sequence, TextIO
 
 from mlflow import MlflowClient
 
-from ablations.train.checkpoint import STOP, Checkpoints, fmt_seconds
+from ablations.train.checkpoint import STOP, Checkpoints
 from ablations.config import Cell, ConfigError, ExperimentConfig
+from ablations.util.timefmt import fmt_duration
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -113,8 +114,8 @@ def refuse_to_start(client: MlflowClient, cell: Cell, config: ExperimentConfig, 
     need = estimate * (next_checkpoint - done - fraction)
     if need <= left:
         return None
-    return (f"it needs about {fmt_seconds(need)} to reach its next checkpoint (epoch {next_checkpoint}), "
-            f"{fmt_seconds(max(0.0, left))} are left before the time limit's stop")
+    return (f"it needs about {fmt_duration(need)} to reach its next checkpoint (epoch {next_checkpoint}), "
+            f"{fmt_duration(max(0.0, left))} are left before the time limit's stop")
 
 
 # ----------------------------------------------------------------------------- the summary
@@ -149,14 +150,14 @@ def stop_summary(client: MlflowClient, grids: Sequence[tuple[str, Sequence[Cell]
         finished = sum(c.cell_id in done for c in cells)
         lines.append(f"  grid {name}: {finished} of {len(cells)} cells done; partly done: {', '.join(partly) or 'none'}; "
                      f"{waiting} not started")
-    guess = fmt_seconds(left) if not unknown else (
-        f"more than {fmt_seconds(left)} ({unknown} cells not measured yet)" if left else "unknown (nothing measured yet)")
+    guess = fmt_duration(left) if not unknown else (
+        f"more than {fmt_duration(left)} ({unknown} cells not measured yet)" if left else "unknown (nothing measured yet)")
     if times is not None:
         lines.append(f"  estimated time left: {guess}, from the epoch times measured in this store; "
                      "run the same command again to continue")
     else:
         lines.append("  run the same command again to continue")
-    limit = f" of the {fmt_seconds(STOP.limit)} limit" if STOP.limit is not None else ""
+    limit = f" of the {fmt_duration(STOP.limit)} limit" if STOP.limit is not None else ""
     # The time is taken last: only the interpreter's exit follows.
     print(f"stopped: {reason}, after {STOP.elapsed():.1f}s{limit}", file=stream)
     print("\n".join(lines), file=stream, flush=True)

@@ -156,7 +156,7 @@ class Worker:
                  fresh_launch: bool = False) -> None:
         from ablations.run.runner import load_data
         from ablations.tracking import default_tracking_uri
-        from ablations.train import resolve_device
+        from ablations.util.device import resolve_device
 
         self.id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         stream = stream or sys.stderr

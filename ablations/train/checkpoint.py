@@ -30,6 +30,9 @@ import numpy as np
 import torch
 
 from ablations.errors import EXIT_PREEMPTED, EXIT_TIME_LIMIT
+from ablations.util.fs import atomic_write
+from ablations.util.paths import beside_store
+from ablations.util.timefmt import fmt_duration
 
 FORMAT = 1
 CHECKPOINT_NAME = "last.pt"
@@ -90,18 +93,9 @@ def save(path: Path, state: Mapping[str, Any], meta: Mapping[str, Any] | None = 
     """Write `state` atomically (temporary file, fsync, rename); beside it `last.json` with `meta`
     (what planning and summaries read without loading tensors). Returns the seconds it took."""
     start = time.perf_counter()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(dict(state), fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: torch.save(dict(state), fh))
     if meta is not None:
-        side = path.with_suffix(".json")
-        tmp_meta = side.with_name(f".{side.name}.{os.getpid()}.tmp")
-        tmp_meta.write_text(json.dumps(dict(meta), sort_keys=True))
-        os.replace(tmp_meta, side)
+        atomic_write(path.with_suffix(".json"), lambda fh: fh.write(json.dumps(dict(meta), sort_keys=True).encode()))
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the rename itself survives a crash of the machine
@@ -119,11 +113,7 @@ def load(path: Path) -> dict[str, Any]:
 
 def default_checkpoint_dir(tracking_uri: str) -> Path:
     """Beside the MLflow store: <folder of mlflow.db>/checkpoints, else ./checkpoints."""
-    if tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "checkpoints"
-    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
-        return Path(tracking_uri.removeprefix("file://")).resolve().parent / "checkpoints"
-    return Path.cwd() / "checkpoints"
+    return beside_store(tracking_uri, "checkpoints")
 
 
 @dataclass(frozen=True)
@@ -238,7 +228,7 @@ class StopControl:
             return "preempted", self.reason
         left = self.time_left()
         if left is not None and left <= 0:
-            return "time_limit", f"time limit {fmt_seconds(self.limit)} (stopping {fmt_seconds(self.margin)} before it)"
+            return "time_limit", f"time limit {fmt_duration(self.limit)} (stopping {fmt_duration(self.margin)} before it)"
         return None
 
     def reset(self) -> None:
@@ -247,10 +237,6 @@ class StopControl:
 
 def default_margin(limit: float) -> float:
     return max(5.0, min(120.0, 0.05 * limit))
-
-
-def fmt_seconds(s: float | None) -> str:
-    return "?" if s is None else f"{s:.0f}s" if s < 120 else f"{s / 60:.1f}m" if s < 7200 else f"{s / 3600:.2f}h"
 
 
 STOP = StopControl()

@@ -1,4 +1,4 @@
-"""Filesystem steps that several processes may take at once: build a folder once, publish it whole.
+"""Filesystem steps that several processes may take at once: write a file or publish a folder whole, atomically.
 
 A cache entry (decoded images, an unpacked archive) is built in a private temp folder beside its
 final place and renamed into place in one step, under a lock, so concurrent processes build it once
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 from filelock import FileLock
 
@@ -18,6 +18,22 @@ from filelock import FileLock
 def lock_for(final: Path) -> FileLock:
     """The lock that guards building `final` (a dot file beside it)."""
     return FileLock(str(final.parent / f".{final.name}.lock"))
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """`write(fh)` into a private temp file beside `path`, fsync it, then rename it over `path` in one step:
+    a reader (or a process killed mid-write) sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def publish_dir(tmp: Path, final: Path) -> None:

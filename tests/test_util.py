@@ -1,0 +1,71 @@
+"""The one-of-each helpers in ablations/util: durations and ETA, liveness, the device, paths beside the store,
+atomic writes. Real processes and files; nothing mocked."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ablations.util.device import resolve_device
+from ablations.util.fs import atomic_write
+from ablations.util.paths import beside_store, store_folder
+from ablations.util.procs import pid_alive
+from ablations.util.timefmt import eta, fmt_duration
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0s"), (42.4, "42s"), (59.6, "1m00s"), (185, "3m05s"),
+                                           (7620, "2h07m"), (None, "?"), (math.nan, "?"), (math.inf, "?")])
+def test_fmt_duration(seconds, text):
+    assert fmt_duration(seconds) == text
+
+
+def test_eta_is_the_time_left_at_the_same_pace():
+    assert eta(30.0, 0.25) == pytest.approx(90.0)
+    assert eta(30.0, 1.0) == 0.0 and eta(30.0, 1.5) == 0.0
+    assert eta(30.0, 0.0) is None
+
+
+def test_pid_alive_for_this_process_and_not_for_a_reaped_child():
+    assert pid_alive(1) and pid_alive(__import__("os").getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: its pid names no process now
+    assert not pid_alive(child.pid)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda:1: CUDA is not available"):
+            resolve_device("cuda:1")
+
+
+def test_companions_live_beside_the_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert store_folder(f"sqlite:///{tmp_path}/a/mlflow.db") == tmp_path / "a"
+    assert beside_store(f"sqlite:///{tmp_path}/a/mlflow.db", "checkpoints") == tmp_path / "a" / "checkpoints"
+    assert beside_store(f"file://{tmp_path}/b/mlruns", "j.log") == tmp_path / "b" / "j.log"
+    assert beside_store("mlruns", "j.log") == tmp_path / "j.log"  # a relative file store
+    assert store_folder("http://tracking.example:5000") is None
+    assert beside_store("postgresql://u@h/db", "checkpoints") == tmp_path / "checkpoints"
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "sub" / "state.bin"
+    atomic_write(target, lambda fh: fh.write(b"first"))
+    assert target.read_bytes() == b"first"
+
+    def broken(fh):
+        fh.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(target, broken)
+    assert target.read_bytes() == b"first"  # the old file, intact
+    assert sorted(p.name for p in target.parent.iterdir()) == ["state.bin"]  # no temp file left behind
