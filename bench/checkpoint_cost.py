@@ -19,25 +19,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "bench"):  # runnable as a script without installing the package
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+import _path  # noqa: F401  (first: this checkout on sys.path)
 
-import torch  # noqa: E402
+import torch
 
-from ablations.train import checkpoint as ckpt  # noqa: E402
-from ablations.config import DatasetConfig, ExperimentConfig, TrainConfig  # noqa: E402
-from ablations.data import load_dataset  # noqa: E402
+from ablations.train import checkpoint as ckpt
+from ablations.config import DatasetConfig, ExperimentConfig, TrainConfig
+from ablations.data import load_dataset
 from ablations.train import seed_everything, train
-from ablations.util.device import resolve_device  # noqa: E402
-from benchlib import environment, sync  # noqa: E402
-from senet import build_model  # noqa: E402
+from ablations.util.device import resolve_device
+from benchlib import environment, sync
+from senet import build_model
 
 CIFAR_TRAIN = 50_000
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _path  # noqa: F401  (first: this checkout on sys.path)
 
-from ablations.config import Cell, DatasetConfig, ExperimentConfig, ModelConfig, TrainConfig  # noqa: E402
+from ablations.config import Cell, DatasetConfig, ExperimentConfig, ModelConfig, TrainConfig
 
 
 def synthetic_cells(n: int, variants: int = 10) -> list[Cell]:

@@ -37,12 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "bench"):  # runnable as a script without installing the package
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+from _path import ROOT  # first: this checkout on sys.path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 SHARED = ROOT.parent / "shared" / "data"
 IMAGENETTE = "imagenette-224-mini.tar.gz"

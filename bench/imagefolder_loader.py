@@ -32,17 +32,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "bench"):  # runnable as a script without installing the package
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+import _path  # noqa: F401  (first: this checkout on sys.path)
 
-import torch  # noqa: E402
+import torch
 
-import benchlib  # noqa: E402  (bench/benchlib.py)
+import benchlib
 
-from ablations.data import augment  # noqa: E402
-from ablations.data import iterate_batches, load_dataset  # noqa: E402
+from ablations.data import augment
+from ablations.data import iterate_batches, load_dataset
 
 ARCHIVE = "imagenette-224-mini.tar.gz"
 SIZE = 224

@@ -18,6 +18,8 @@ from conftest import SHARED
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 IMAGENETTE = SHARED / "imagenette-224-mini.tar.gz"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))  # as when a script runs: its folder first (bench/_path.py, bench/benchlib.py)
 
 
 def _load_bench(name: str):
@@ -28,7 +30,11 @@ def _load_bench(name: str):
     return module
 
 
+benchlib = _load_bench("benchlib")
 ts = _load_bench("train_speed")
+accuracy = _load_bench("accuracy_parity")
+packing = _load_bench("packing")
+se_overhead = _load_bench("se_overhead")
 loaders = _load_bench("imagefolder_loader")
 
 
@@ -54,12 +60,11 @@ def test_quick_run_writes_json_with_both_paths(mini_cifar_root, cache, tmp_path,
     out = tmp_path / "speed.json"
     rc = ts.main(["--quick", "--device", "cpu", "--data-root", str(mini_cifar_root), "--models", "se_resnet20",
                   "--batch-size", "8", "--warmup-steps", "1", "--steps", "2", "--plain-workers", "1",
-                  "--se-batch", "1", "--se-repeats", "1", "--se-size", "64",
-                  "--workers-per-gpu-sweep", "1,2", "--json-out", str(out)])
+                  "--json-out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "ImageFolder" in text and "extracted once" in text  # says which copy the plain path used
-    assert "harness/plain" in text and "n/a" in text and "skipped: needs CUDA" in text
+    assert "harness/plain" in text and "n/a" in text
 
     report = _no_nan(out.read_text())
     env = report["environment"]
@@ -74,17 +79,49 @@ def test_quick_run_writes_json_with_both_paths(mini_cifar_root, cache, tmp_path,
         assert s["epoch_images"] == 1000  # the mini archive's full train split
         assert row["mfu"][path] is None  # no GPU peak on a CPU
     assert _positive(row["ratio"])
-    (se,) = report["se_overhead"]
-    assert _positive(se["resnet50_ms"]) and _positive(se["se_resnet50_ms"]) and se["paper_pct"] == 10.0
-    assert "skipped" in report["workers_per_gpu"]
     assert report["peak_bf16"]["flops"] is None
 
 
+def test_se_overhead_writes_json(tmp_path, capsys):
+    """The SE overhead (once a section of train_speed.py) keeps its JSON rows, plus inference and complexity."""
+    out = tmp_path / "se.json"
+    assert se_overhead.main(["--device", "cpu", "--batch", "1", "--repeats", "1", "--size", "64",
+                             "--json-out", str(out)]) == 0
+    assert "SE-ResNet-50" in capsys.readouterr().out
+    report = _no_nan(out.read_text())
+    (se,) = report["se_overhead"]
+    assert _positive(se["resnet50_ms"]) and _positive(se["se_resnet50_ms"]) and se["paper_pct"] == 10.0
+    inference = report["se_overhead_inference"]
+    assert _positive(inference["resnet50_ms"]) and _positive(inference["se_resnet50_ms"])
+    assert report["complexity"]["macs_overhead_pct"] > 0 and report["complexity"]["params_overhead_pct"] > 0
+
+
+def test_packing_sweep_skips_on_a_cpu(tmp_path, capsys):
+    """The sweep (once train_speed.py --workers-per-gpu-sweep) says it skipped on a CPU, in its JSON too."""
+    out = tmp_path / "packing.json"
+    assert packing.main(["sweep", "--device", "cpu", "--workers-per-gpu", "1,2", "--json-out", str(out)]) == 0
+    assert "skipped: needs CUDA" in capsys.readouterr().out
+    report = _no_nan(out.read_text())
+    assert "skipped" in report["workers_per_gpu"]
+
+
+def test_accuracy_parity_writes_json(mini_cifar_root, cache, tmp_path, capsys):
+    """The accuracy check's own script (once train_speed.py --accuracy), on a tiny run."""
+    out = tmp_path / "acc.json"
+    assert accuracy.main(["--device", "cpu", "--data-root", str(mini_cifar_root), "--seeds", "1", "--epochs", "1",
+                          "--train-size", "40", "--test-size", "20", "--plain-workers", "0",
+                          "--json-out", str(out)]) == 0
+    assert "undetermined (one seed)" in capsys.readouterr().out
+    acc = _no_nan(out.read_text())["accuracy"]
+    assert acc["train_images"] == 40 and acc["test_images"] == 20 and acc["within_2std"] is None
+    assert all(0 <= e <= 100 for path in ("plain", "harness") for e in acc["errors_pct"][path])
+
+
 def test_accuracy_check_reports_mean_std_per_path(mini_cifar_root, cache):
-    plain_ds, _ = ts.plain_train_set(mini_cifar_root)
+    plain_ds, _ = benchlib.plain_train_set(mini_cifar_root)
     tc = TrainConfig(epochs=1, batch_size=10, lr=0.05, label_smoothing=0.0)
-    acc = ts.accuracy_check(mini_cifar_root, plain_ds, torch.device("cpu"), tc, seeds=[0, 1], workers=0,
-                            train_size=40, test_size=20, log=lambda *_: None)
+    acc = accuracy.accuracy_check(mini_cifar_root, plain_ds, torch.device("cpu"), tc, seeds=[0, 1], workers=0,
+                                  train_size=40, test_size=20, log=lambda *_: None)
     for path in ("plain", "harness"):
         assert len(acc["errors_pct"][path]) == 2
         assert all(0 <= e <= 100 for e in acc["errors_pct"][path])
@@ -94,17 +131,17 @@ def test_accuracy_check_reports_mean_std_per_path(mini_cifar_root, cache):
 
 
 def test_sweep_processes_share_one_window(mini_cifar_root, cache):
-    """The --single protocol (READY, common window, RESULT) on a CPU; the CLI runs it on CUDA only."""
-    rows = ts.workers_sweep([1], torch.device("cpu"), mini_cifar_root, batch_size=8, warmup_s=1.0,
-                            window_s=2.0, spec_key="se_resnet20", train_size=64, test_size=10,
-                            log=lambda *_: None)
+    """The `packing.py cell` protocol (READY, common window, RESULT) on a CPU; the CLI runs it on CUDA only."""
+    rows = packing.workers_sweep([1], torch.device("cpu"), mini_cifar_root, batch_size=8, warmup_s=1.0,
+                                 window_s=2.0, spec_key="se_resnet20", train_size=64, test_size=10,
+                                 log=lambda *_: None)
     (row,) = rows
     assert row["errors"] == [] and _positive(row["aggregate_images_per_s"])
 
 
 def test_windows_time_exactly_the_requested_steps():
-    w = ts.StepWindow(warmup=2, timed=3)
-    with pytest.raises(ts.WindowDone):
+    w = benchlib.StepWindow(warmup=2, timed=3)
+    with pytest.raises(benchlib.WindowDone):
         for _ in range(10):
             w.step(4)
             w.synced()
