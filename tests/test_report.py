@@ -23,6 +23,7 @@ from PIL import Image
 
 from ablations import report
 from ablations.report import paper
+from ablations.report import write as report_write
 from ablations.config import load_experiments, resolve_cells
 from ablations.tracking import CellRun, ensure_experiment, runs_of
 
@@ -281,8 +282,8 @@ def test_preset_runs_are_reported_apart(tmp_path, exps, new_store, capsys):
     assert rows["16"][1:3] == ["2", "35.00 ± 7.07"] and rows["2"][1:3] == ["1", "**31.00**"]
     assert "preset: smoke" in smoke_md and "another setting" not in smoke_md
     artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(
-        report._report_run(MlflowClient(tracking_uri=uri), MlflowClient(tracking_uri=uri)
-                           .get_experiment_by_name("reduction").experiment_id, "reduction"), "presets/smoke")}
+        report_write._report_run(MlflowClient(tracking_uri=uri), MlflowClient(tracking_uri=uri)
+                                 .get_experiment_by_name("reduction").experiment_id, "reduction"), "presets/smoke")}
     assert artifacts == {"presets/smoke/cifar10"}
 
 
