@@ -14,9 +14,9 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
-from ablations.report.analysis import (
-    analyze_grid, analyze_run, balanced_subset, block_table, collect_excitations, findings_paragraph, write_outputs,
-)
+from ablations.report.analysis import analyze_grid, analyze_run, balanced_subset
+from ablations.report.excitations import block_table, collect_excitations
+from ablations.report.findings import findings_paragraph, write_outputs
 from ablations.cli import main
 from ablations.config import ExperimentConfig
 from ablations.errors import BadInput, StoreError

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -23,6 +25,7 @@ from PIL import Image
 
 from ablations import report
 from ablations.report import paper
+from ablations.report import write as report_write
 from ablations.config import load_experiments, resolve_cells
 from ablations.tracking import CellRun, ensure_experiment, runs_of
 
@@ -281,8 +284,8 @@ def test_preset_runs_are_reported_apart(tmp_path, exps, new_store, capsys):
     assert rows["16"][1:3] == ["2", "35.00 ± 7.07"] and rows["2"][1:3] == ["1", "**31.00**"]
     assert "preset: smoke" in smoke_md and "another setting" not in smoke_md
     artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(
-        report._report_run(MlflowClient(tracking_uri=uri), MlflowClient(tracking_uri=uri)
-                           .get_experiment_by_name("reduction").experiment_id, "reduction"), "presets/smoke")}
+        report_write._report_run(MlflowClient(tracking_uri=uri), MlflowClient(tracking_uri=uri)
+                                 .get_experiment_by_name("reduction").experiment_id, "reduction"), "presets/smoke")}
     assert artifacts == {"presets/smoke/cifar10"}
 
 
@@ -311,6 +314,31 @@ def test_generic_layout_for_a_grid_without_paper_table(tmp_path, new_store):
     assert rows[0][6] == "Δ top-1 vs r=16, squeeze=avg" and rows[4][6] == "ref."
     assert rows[3][6] == "+0.30"  # r=16, max: Welch's test on [8.5, 8.5] vs [8.1, 8.3]: p = 0.2, no marker
     assert rows[2][2] == "**8.10 ± 0.14**" and not any("**" in r[3] for r in rows)  # top-5 all tie: no bold
+
+
+def _cells_of(line: str) -> list[str]:
+    """A pipe-table row's cells, split on the pipes that are not escaped as \\|."""
+    assert line.startswith("| ") and line.endswith(" |"), line
+    return [cell.strip() for cell in re.split(r"(?<!\\)\|", line[1:-1])]
+
+
+def test_a_pipe_in_a_variant_keeps_the_markdown_table_valid():
+    """Variant names (and so labels and the Δ column's header) may hold '|': escaped, every row keeps its columns."""
+    variants = {"r=16|avg": (16, [7.0, 7.2]), "r=8|max": (8, [7.4, 7.6])}
+    rows = []
+    for i, (variant, (r, errors)) in enumerate(variants.items()):
+        for seed, err in enumerate(errors):
+            rows.append({"run_id": f"run{i}{seed}", "status": "FINISHED",
+                         "start_time": pd.Timestamp(i * 10 + seed, unit="s"), "tags.cell_id": f"cell{i}{seed}", "tags.grid": "pipes", "tags.variant": variant,
+                         "tags.seed": str(seed), "tags.dataset": "cifar10", "params.model.arch": "resnet20",
+                         "params.model.se.reduction": str(r), "metrics.final_top1_err": err,
+                         "metrics.final_top5_err": err / 10, "metrics.params": 270_000.0, "metrics.gflops": 0.041})
+    md = report.build_report(pd.DataFrame(rows), "pipes").markdown
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    widths = {len(_cells_of(line)) for line in table}
+    assert len(table) == 4 and widths == {7}, md  # header, alignment row, two variants
+    assert _cells_of(table[0])[-1] == r"Δ top-1 vs r=16\|avg"
+    assert [_cells_of(line)[0] for line in table[2:]] == [r"r=16\|avg", r"r=8\|max"]
 
 
 def test_paper_numbers_are_the_reference_notes():

@@ -1,4 +1,4 @@
-"""Figures of the role-of-SE analysis (paper Figs. 6 and 7), from `ablations.report.analysis` statistics.
+"""Figures of the role-of-SE analysis (paper Figs. 6 and 7), from `ablations.report.blockstats` statistics.
 
 Made without pyplot (no global state, no GUI backend), saved as PNG and PDF without dates in them.
 Blocks are named as in the paper, SE_<stage>_<block>.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
@@ -20,10 +19,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, NullLocator, PercentFormatter
 
+from ablations.report.blockstats import BlockStats, ExcitationStats
 from ablations.report.plots import FORMATS, save_figure
-
-if TYPE_CHECKING:  # types only: analysis calls this module to draw, it must not import analysis back
-    from ablations.report.analysis import BlockStats, ExcitationStats
 
 MAX_CHANNELS = 64  # Fig. 6 shows a sample of channels; more than 64 lines' worth of x is unreadable
 MAX_CLASSES = 10  # more class curves than tab10 has colours cannot be told apart
@@ -189,7 +186,7 @@ def specificity_figure(table: pd.DataFrame, title: str) -> Figure:
 
 def saturation_figure(table: pd.DataFrame, title: str, bound: float | None, level: float) -> Figure:
     """Per block: the fraction of saturated excitations (top) and the mean excitation ± std (bottom).
-    `level`: a value counts as saturated above level x bound (analysis.SATURATION_LEVEL)."""
+    `level`: a value counts as saturated above level x bound (blockstats.SATURATION_LEVEL)."""
     fig = Figure(figsize=(WIDTH * 0.75, 6.4), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True)
     x = table["depth"].to_numpy()
