@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from ablations.config import ExperimentConfig
 from ablations.errors import BadInput, StoreError, WeightsError
-from ablations.data import Dataset, Split, iterate_batches, load_dataset
+from ablations.data import Dataset, Split, iterate_batches, load_dataset, stratified_indices
 from ablations.run.progress import eta, fmt_duration
 from ablations.tracking import runs_of
 from senet import build_model, se_blocks
@@ -199,11 +199,7 @@ def balanced_subset(split: Split, max_images: int | None) -> Split:
     if max_images < 1:
         raise ValueError(f"max_images must be >= 1, got {max_images}")
     labels = np.asarray(split.labels)
-    rank = np.empty(len(labels), dtype=np.int64)
-    for k in np.unique(labels):
-        where = np.flatnonzero(labels == k)
-        rank[where] = np.arange(len(where))
-    keep = np.sort(np.lexsort((labels, rank))[:max_images])  # the r-th image of every class before the (r+1)-th
+    keep = stratified_indices(labels, max_images)  # each class's first images, classes as equal as they allow
     return Split(np.ascontiguousarray(split.images[keep]), labels[keep])
 
 
