@@ -20,7 +20,7 @@ import torch
 from ablations.data import augment, sources
 from ablations.data import cache as data_cache
 from ablations.data import (CIFAR10_MEAN, CIFAR10_STD, DataError, Dataset, DeviceSplit, Split, device_split,
-                           iterate_batches, load_dataset)
+                           iterate_batches, load_dataset, noise_dataset, stratified_indices)
 from conftest import CIFAR_TGZ, SHARED
 
 IMAGENETTE_TGZ = SHARED / "imagenette-224-mini.tar.gz"
@@ -295,6 +295,41 @@ def test_synthetic_deterministic_and_learnable():
     assert (pred == a.test.labels).mean() > 0.6
     sub = load_dataset("synthetic", "", classes=[3, 7], train_size=40, test_size=20)
     assert sub.classes == ("class3", "class7") and np.bincount(sub.train.labels).tolist() == [20, 20]
+
+
+def test_noise_dataset_is_stored_as_the_model_size_expects():
+    small = noise_dataset(32, 6, 4, 3, source="preflight")
+    big = noise_dataset(224, 2, 2, 5)
+    assert small.style == "cifar" and small.train.images.shape == (6, 32, 32, 3) and small.image_size == 32
+    assert big.style == "imagenet" and big.test.images.shape == (2, 256, 256, 3) and big.image_size == 224
+    assert small.train.labels.tolist() == [0, 1, 2, 0, 1, 2] and small.classes == ("class0", "class1", "class2")
+    assert small.source == "preflight" and small.train.images.dtype == np.uint8
+    assert np.array_equal(small.train.images, noise_dataset(32, 6, 4, 3).train.images)  # seeded
+
+
+# --------------------------------------------------------------------------- stratified sampler
+
+
+def test_stratified_indices_unseeded_takes_each_classes_first_items():
+    labels = np.array([2, 0, 1, 0, 2, 1, 0, 2, 0, -1])  # -1: a dropped class, never picked
+    idx = stratified_indices(labels, 5)
+    assert idx.tolist() == sorted(idx.tolist()) and np.bincount(labels[idx]).tolist() == [2, 2, 1]
+    assert idx.tolist() == [0, 1, 2, 3, 5]  # each class's first items in index order
+    # Class 0 runs short: its unused share is water-filled, the remainder to the first open class
+    # (pinned: seeded training subsets depend on this rule).
+    short = np.array([0] * 2 + [1] * 5 + [2] * 5)
+    assert np.bincount(short[stratified_indices(short, 8)]).tolist() == [2, 4, 2]
+    with pytest.raises(ValueError):
+        stratified_indices(labels, 10)
+
+
+def test_stratified_indices_seeded_is_reproducible_and_random_within_classes():
+    labels = np.repeat(np.arange(4), 50)
+    a, b = stratified_indices(labels, 20, [7, 0]), stratified_indices(labels, 20, [7, 0])
+    c = stratified_indices(labels, 20, [8, 0])
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.bincount(labels[a]).tolist() == [5, 5, 5, 5]
+    assert not np.array_equal(a, stratified_indices(labels, 20))  # not just each class's first items
 
 
 # --------------------------------------------------------------------------- augment
