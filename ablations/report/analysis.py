@@ -193,13 +193,14 @@ def _gate_kind(se: nn.Module) -> tuple[str, float | None]:
 
 
 def balanced_subset(split: Split, max_images: int | None) -> Split:
-    """At most `max_images` images, taken round-robin over classes (test splits may be sorted by class)."""
+    """At most `max_images` images, each class's first ones, spread over classes as equally as they allow
+    (stratified_indices; test splits may be sorted by class)."""
     if max_images is None or max_images >= len(split):
         return split
     if max_images < 1:
         raise ValueError(f"max_images must be >= 1, got {max_images}")
     labels = np.asarray(split.labels)
-    keep = stratified_indices(labels, max_images)  # each class's first images, classes as equal as they allow
+    keep = stratified_indices(labels, max_images)  # unseeded: the same images every time
     return Split(np.ascontiguousarray(split.images[keep]), labels[keep])
 
 
