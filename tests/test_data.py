@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from ablations.data import augment, data
-from ablations.data import DataError, Dataset, DeviceSplit, Split, iterate_batches, load_dataset
+from ablations.data import augment, sources
+from ablations.data import cache as data_cache
+from ablations.data import (CIFAR10_MEAN, CIFAR10_STD, DataError, Dataset, DeviceSplit, Split, device_split,
+                           iterate_batches, load_dataset, noise_dataset, stratified_indices)
 from conftest import CIFAR_TGZ, SHARED
 
 IMAGENETTE_TGZ = SHARED / "imagenette-224-mini.tar.gz"
@@ -31,13 +33,13 @@ needs_imagenette = pytest.mark.skipif(not IMAGENETTE_TGZ.is_file(), reason=f"rea
 def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Wrap the decoder so tests can assert on how often the pixels were actually decoded."""
     calls: list[str] = []
-    real = data._decode_image_tree
+    real = sources.decode_image_tree
 
     def counting(name, src, *args):
         calls.append(str(src))
         return real(name, src, *args)
 
-    monkeypatch.setattr(data, "_decode_image_tree", counting)
+    monkeypatch.setattr(sources, "decode_image_tree", counting)
     return calls
 
 
@@ -77,7 +79,7 @@ def test_cifar10_jpeg_subset_shapes_and_stratification(cifar):
     assert ds.test.images.shape == (100, 32, 32, 3) and ds.test.labels.dtype == np.int64
     assert np.bincount(ds.train.labels, minlength=10).tolist() == [20] * 10
     assert np.bincount(ds.test.labels, minlength=10).tolist() == [10] * 10
-    assert ds.mean == data.CIFAR10_MEAN and ds.std == data.CIFAR10_STD  # documented choice
+    assert ds.mean == CIFAR10_MEAN and ds.std == CIFAR10_STD  # documented choice
     m = ds.train.images.mean() / 255
     assert 0.35 < m < 0.6  # natural images, not blank
     assert len({hashlib.md5(im.tobytes()).hexdigest() for im in ds.train.images}) == 200
@@ -101,7 +103,7 @@ def test_cifar10_second_load_hits_cache(cifar, monkeypatch):
     assert calls == [] and folder.style == "cifar" and folder.image_size == 32
     assert list(folder.classes) == OFFICIAL_CIFAR10
     assert 0.35 < folder.mean[0] < 0.6 and 0.15 < folder.std[0] < 0.35  # computed, not constants
-    assert folder.mean != data.CIFAR10_MEAN
+    assert folder.mean != CIFAR10_MEAN
 
 
 @needs_cifar
@@ -257,21 +259,21 @@ def test_missing_roots_and_bad_names(tmp_path):
 def test_cache_write_is_atomic_and_cleans_stale_temps(tmp_path):
     key = {"kind": "test"}
 
-    def boom() -> data._Decoded:
+    def boom() -> data_cache.Decoded:
         raise RuntimeError("killed mid-decode")
 
     with pytest.raises(RuntimeError):
-        data._cached(tmp_path, "t", key, boom)
+        data_cache.cached(tmp_path, "t", key, boom)
     assert not any(p.name.startswith("t-") for p in tmp_path.iterdir())  # no half-written entry
-    final = tmp_path / f"t-{data._hash_key(key)}"
+    final = tmp_path / f"t-{data_cache._hash_key(key)}"
     stale = tmp_path / f".{final.name}.tmp-99999"
     stale.mkdir()
     (stale / "train_images.npy").write_bytes(b"garbage")  # what a killed writer leaves behind
-    dec = data._synthetic(0, (2, 1))
-    got = data._cached(tmp_path, "t", key, lambda: dec)
+    dec = sources._synthetic(0, (2, 1))
+    got = data_cache.cached(tmp_path, "t", key, lambda: dec)
     assert not stale.exists() and np.array_equal(got.train.images, dec.train.images)
     assert got.classes == dec.classes
-    assert data._cached(tmp_path, "t", key, boom).classes == dec.classes  # hit: decode not called
+    assert data_cache.cached(tmp_path, "t", key, boom).classes == dec.classes  # hit: decode not called
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -293,6 +295,41 @@ def test_synthetic_deterministic_and_learnable():
     assert (pred == a.test.labels).mean() > 0.6
     sub = load_dataset("synthetic", "", classes=[3, 7], train_size=40, test_size=20)
     assert sub.classes == ("class3", "class7") and np.bincount(sub.train.labels).tolist() == [20, 20]
+
+
+def test_noise_dataset_is_stored_as_the_model_size_expects():
+    small = noise_dataset(32, 6, 4, 3, source="preflight")
+    big = noise_dataset(224, 2, 2, 5)
+    assert small.style == "cifar" and small.train.images.shape == (6, 32, 32, 3) and small.image_size == 32
+    assert big.style == "imagenet" and big.test.images.shape == (2, 256, 256, 3) and big.image_size == 224
+    assert small.train.labels.tolist() == [0, 1, 2, 0, 1, 2] and small.classes == ("class0", "class1", "class2")
+    assert small.source == "preflight" and small.train.images.dtype == np.uint8
+    assert np.array_equal(small.train.images, noise_dataset(32, 6, 4, 3).train.images)  # seeded
+
+
+# --------------------------------------------------------------------------- stratified sampler
+
+
+def test_stratified_indices_unseeded_takes_each_classes_first_items():
+    labels = np.array([2, 0, 1, 0, 2, 1, 0, 2, 0, -1])  # -1: a dropped class, never picked
+    idx = stratified_indices(labels, 5)
+    assert idx.tolist() == sorted(idx.tolist()) and np.bincount(labels[idx]).tolist() == [2, 2, 1]
+    assert idx.tolist() == [0, 1, 2, 3, 5]  # each class's first items in index order
+    # Class 0 runs short: its unused share is water-filled, the remainder to the first open class
+    # (pinned: seeded training subsets depend on this rule).
+    short = np.array([0] * 2 + [1] * 5 + [2] * 5)
+    assert np.bincount(short[stratified_indices(short, 8)]).tolist() == [2, 4, 2]
+    with pytest.raises(ValueError):
+        stratified_indices(labels, 10)
+
+
+def test_stratified_indices_seeded_is_reproducible_and_random_within_classes():
+    labels = np.repeat(np.arange(4), 50)
+    a, b = stratified_indices(labels, 20, [7, 0]), stratified_indices(labels, 20, [7, 0])
+    c = stratified_indices(labels, 20, [8, 0])
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.bincount(labels[a]).tolist() == [5, 5, 5, 5]
+    assert not np.array_equal(a, stratified_indices(labels, 20))  # not just each class's first items
 
 
 # --------------------------------------------------------------------------- augment
@@ -413,7 +450,7 @@ def test_iterate_batches_augments_dtype_layout_and_device_split():
     resident = DeviceSplit.from_split(ds.train, "cpu")  # the resident-on-GPU path, exercised on CPU
     xs_dev, _ = _epoch(ds, resident, **kw)
     assert all(torch.equal(a, b) for a, b in zip(xs, xs_dev))
-    assert data.device_split(ds.train, "cpu") is data.device_split(ds.train, "cpu")
+    assert device_split(ds.train, "cpu") is device_split(ds.train, "cpu")
 
 
 # --------------------------------------------------------------------------- bad trees, subsets, scaling

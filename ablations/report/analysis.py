@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from ablations.config import ExperimentConfig
 from ablations.errors import BadInput, StoreError, WeightsError
-from ablations.data import Dataset, Split, load_dataset
+from ablations.data import Dataset, Split, load_dataset, stratified_indices
 from ablations.report.excitations import collect_excitations
 from ablations.report.findings import write_outputs
 from ablations.report.paths import check_output_dir, safe_name
@@ -35,17 +35,14 @@ _ARTIFACT_DIR = "role_of_se"
 
 
 def balanced_subset(split: Split, max_images: int | None) -> Split:
-    """At most `max_images` images, taken round-robin over classes (test splits may be sorted by class)."""
+    """At most `max_images` images, each class's first ones, spread over classes as equally as they allow
+    (stratified_indices; test splits may be sorted by class)."""
     if max_images is None or max_images >= len(split):
         return split
     if max_images < 1:
         raise ValueError(f"max_images must be >= 1, got {max_images}")
     labels = np.asarray(split.labels)
-    rank = np.empty(len(labels), dtype=np.int64)
-    for k in np.unique(labels):
-        where = np.flatnonzero(labels == k)
-        rank[where] = np.arange(len(where))
-    keep = np.sort(np.lexsort((labels, rank))[:max_images])  # the r-th image of every class before the (r+1)-th
+    keep = stratified_indices(labels, max_images)  # unseeded: the same images every time
     return Split(np.ascontiguousarray(split.images[keep]), labels[keep])
 
 

@@ -22,7 +22,6 @@ import sys
 import time
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from ablations.errors import EXIT_BAD_INPUT, EXIT_OK
@@ -68,18 +67,9 @@ def _check_packages(names: Sequence[str]) -> None:
 
 
 def _tiny_dataset(image_size: int, n_train: int, n_test: int, num_classes: int):
-    from ablations.data import CIFAR_STYLE_MAX_PX, EVAL_MARGIN, Dataset, Split
+    from ablations.data import noise_dataset
 
-    style = "cifar" if image_size <= CIFAR_STYLE_MAX_PX else "imagenet"
-    side = image_size if style == "cifar" else round(image_size * EVAL_MARGIN)
-    rng = np.random.default_rng(0)
-
-    def split(n: int) -> Split:
-        return Split(rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8),
-                     (np.arange(n) % num_classes).astype(np.int64))
-
-    return Dataset("synthetic", "preflight", tuple(f"class{i}" for i in range(num_classes)), split(n_train),
-                   split(n_test), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), style, image_size)
+    return noise_dataset(image_size, n_train, n_test, num_classes, source="preflight")
 
 
 def _training_step(config, device: torch.device) -> str:

@@ -46,16 +46,27 @@ def publish_dir(tmp: Path, final: Path) -> None:
             raise
 
 
+def _fresh_tmp(final: Path) -> Path:
+    """An empty private temp folder beside `final`; call it holding `final`'s lock."""
+    # Leftovers of killed builds share the prefix; we hold the lock, so no live build owns one.
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    return tmp
+
+
 def build_once(final: Path, done: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
     """Make sure the folder `final` exists and is `done`; if not, `build(tmp)` it (once among all
-    processes, under a lock) into a temp folder that is then published whole. Returns `final`."""
+    processes, under a lock) into an empty temp folder that is then published whole. Returns `final`.
+
+    A killed build leaves only its temp folder, removed by the next build of `final`."""
     if done(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with lock_for(final):
         if not done(final):  # another process may have finished meanwhile
-            tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = _fresh_tmp(final)
             try:
                 build(tmp)
             except BaseException:
