@@ -1,4 +1,4 @@
-"""Command-line overrides: --set items and --seeds parsed into layers, and the checks that each --set item reaches a cell."""
+"""Command-line overrides: --set items and --seeds parsed, and the checks that each --set item reaches a cell."""
 
 from __future__ import annotations
 

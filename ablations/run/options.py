@@ -1,8 +1,8 @@
-"""RunOptions: everything a run of some grids needs to know (what, where, how many workers, checkpoints),
-its checks, and where each worker runs (which GPU).
+"""RunOptions: the typed, frozen options of a run of some grids, their checks, and which GPU each worker gets.
 
-run_ablation.py builds one from its command line (ablations/cli.py); a Python caller builds one
-directly and hands it to `ablations.run.run_grids`. Nothing below the CLI sees argparse.
+They say what to run, where, with how many workers, and where checkpoints go. run_ablation.py
+builds one from its command line (ablations/cli.py); a Python caller builds one directly and hands
+it to `ablations.run.run_grids`. Nothing below the CLI sees argparse.
 """
 
 from __future__ import annotations
