@@ -10,18 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ablations.config import Cell, ConfigError, ExperimentsFile, load_experiments, parse_seeds, resolve_cells
+from ablations.config import Cell, ConfigError, ExperimentsFile, load_experiments, parse_seeds
 from ablations.data import DataError
 from ablations.errors import BadInput
-from ablations.train.checkpoint import add_checkpoint_options
 from ablations.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, EXIT_TIME_LIMIT
-from ablations.run.options import add_parallel_options, wants_workers
+from ablations.run import RunOptions, dispatch, prepare
+from ablations.run.storage import JOURNAL_NAME
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 all cells done, 1 some cell failed, 2 bad input, 75 preempted (SIGTERM/SIGUSR1; "
                "run again to resume), 124 --time-limit reached (run again to continue), 130 interrupted.",
     )
-    p.add_argument("--config", default="experiments.yaml", metavar="PATH", help="experiments file (default: %(default)s)")
+    p.add_argument("--config", default=RunOptions.config, metavar="PATH", help="experiments file (default: %(default)s)")
     p.add_argument("--grid", action="append", default=[], metavar="NAME", help="grid to run; repeat for several")
     p.add_argument("--preset", metavar="NAME",
                    help="named override set from the file's presets, e.g. smoke; with --report/--analyze: "
@@ -45,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
     p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
     p.add_argument("--data-root", metavar="PATH", help="where datasets are found or downloaded (overrides dataset.root)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    p.add_argument("--device", default=RunOptions.device, help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="run every cell, even those already FINISHED")
     p.add_argument("--report", action="store_true",
                    help="write the paper-style tables and plots of --grid (all grids if none) from the MLflow store; trains nothing")
@@ -59,21 +58,71 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cells(args: argparse.Namespace) -> tuple[ExperimentsFile, list[tuple[str, list[Cell]]]]:
+def add_parallel_options(p: argparse.ArgumentParser) -> None:
+    """The options of parallel and distributed runs (shared by a plain run, the launcher and `worker`)."""
+    g = p.add_argument_group("parallel and distributed runs (docs/distributed.md)",
+                             "Every run claims its cells from a queue, so any number of runs of one grid, started "
+                             "in any way, run each cell once. `run_ablation.py worker --grid NAME --storage URL ...` "
+                             "joins a grid's workers from any machine: it pulls cells until the grid is done.")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="run N cells at once, each in its own process (default: 1, in this process; "
+                   "with --gpus: GPUs x --workers-per-gpu)")
+    g.add_argument("--gpus", metavar="LIST", help="GPU indices to spread the workers over, e.g. 0,1 "
+                   "(default on CUDA: every visible GPU); each worker sees one GPU")
+    g.add_argument("--workers-per-gpu", type=int, default=RunOptions.workers_per_gpu, metavar="K",
+                   help="workers sharing each GPU (default: 1)")
+    g.add_argument("--storage", metavar="URL", help="Optuna storage queueing the cells: postgresql://user@host/db for "
+                   f"many machines, or a journal file path (default: {JOURNAL_NAME} beside the MLflow store)")
+    g.add_argument("--retries", type=int, metavar="K",
+                   help="run a failed cell up to K more times (default: the grid's queue setting, else 0)")
+    g.add_argument("--heartbeat", type=int, default=RunOptions.heartbeat, metavar="SECONDS",
+                   help="how often a worker tells the storage its cell is alive (default: %(default)s)")
+    g.add_argument("--grace", type=int, default=RunOptions.grace, metavar="SECONDS",
+                   help="a cell whose heartbeat is older is taken back and queued again (default: %(default)s)")
+    g.add_argument("--worker-id", help=argparse.SUPPRESS)
+    g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads of a `worker` (default: every core; "
+                   "--workers N gives each of its workers cores // N)")
+    g.add_argument("--launched", action="store_true", help=argparse.SUPPRESS)  # started by a launcher: it sums up
+    g.add_argument("--series", help=argparse.SUPPRESS)  # the launcher's --force study, passed to its workers
+
+
+def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
+    """--checkpoint-dir, --keep-checkpoints, --time-limit (shared by the serial run, workers and the launcher)."""
+    g = p.add_argument_group("checkpoints, preemption and time limits")
+    g.add_argument("--checkpoint-dir", metavar="PATH",
+                   help="where each running cell keeps its last checkpoint (default: checkpoints/ beside the MLflow store)")
+    g.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep a cell's last checkpoint after its run FINISHED (default: delete it)")
+    g.add_argument("--time-limit", metavar="DURATION",
+                   help="stop cleanly before this much time has passed (e.g. 90s, 9m, 2h, 1h30m): cells that cannot "
+                        "reach a checkpoint in time are not started; exit 124; the same command continues")
+    g.add_argument("--time-margin", type=float, metavar="SECONDS",
+                   help="with --time-limit: checkpoint and stop this long before the limit "
+                        "(default: 5%% of the limit, at least 5 s and at most 2 min)")
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    """The parsed command line as the options object everything below the CLI takes (parses --seeds)."""
+    return RunOptions(
+        config=args.config, grids=tuple(dict.fromkeys(args.grid)), preset=args.preset, sets=tuple(args.sets),
+        seeds=tuple(parse_seeds(args.seeds)) if args.seeds is not None else None, data_root=args.data_root,
+        tracking_uri=args.tracking_uri, device=args.device, force=args.force,
+        workers=args.workers, gpus=args.gpus, workers_per_gpu=args.workers_per_gpu, storage=args.storage,
+        retries=args.retries, heartbeat=args.heartbeat, grace=args.grace, worker_id=args.worker_id,
+        threads=args.threads, launched=args.launched, series=args.series,
+        checkpoint_dir=args.checkpoint_dir, keep_checkpoints=args.keep_checkpoints,
+        time_limit=args.time_limit, time_margin=args.time_margin)
+
+
+def _cells(args: argparse.Namespace) -> tuple[ExperimentsFile, RunOptions | None, list[tuple[str, list[Cell]]]]:
+    """The experiments file, the run's options and each grid's cells (no options with --list)."""
     exps = load_experiments(args.config)
     if args.list:
-        return exps, []
+        return exps, None, []
     if not args.grid and not args.report:
         raise ConfigError(f"--grid: name at least one grid (have: {', '.join(exps.grids)}); --list describes them")
-    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
-    grids = []
-    for name in dict.fromkeys(args.grid):
-        cells = resolve_cells(exps, name, preset=args.preset, sets=args.sets, seeds=seeds)
-        if args.data_root:
-            cells = [replace(c, config=c.config.model_copy(update={
-                "dataset": c.config.dataset.model_copy(update={"root": args.data_root})})) for c in cells]
-        grids.append((name, cells))
-    return exps, grids
+    options = run_options(args)
+    return exps, options, options.resolve(exps)
 
 
 def _dry_run(grids: list[tuple[str, list[Cell]]], as_json: bool) -> None:
@@ -166,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.results_dir is None:  # a smoke check must never overwrite the real results
         args.results_dir = str(Path("results") / "presets" / args.preset) if args.preset else "results"
     try:
-        exps, grids = _cells(args)
+        exps, options, grids = _cells(args)
         if args.list:
             w = max(12, *map(len, exps.grids))
             for name, grid in exps.grids.items():
@@ -176,37 +225,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             _dry_run(grids, args.json)
             return EXIT_OK
-        from ablations.tracking import check_tracking_uri, default_tracking_uri
+        from ablations.tracking import check_tracking_uri
 
-        check_tracking_uri(args.tracking_uri or default_tracking_uri())  # before anything is written
+        assert options is not None  # only --list has none
+        check_tracking_uri(options.store)  # before anything is written
         if not args.report or args.analyze:
             _check_device(args.device)
         if args.report or args.analyze:
             return _report_or_analyze(args, exps)
-        from ablations.run.timelimit import arm
-
-        arm(args.time_limit, args.time_margin)  # a bad duration is bad input before anything runs
-
-        from ablations.run.preflight import gate
-
-        if code := gate(args, grids):  # on a GPU: one real step and one MLflow write, before any cell is claimed
+        # The time limit is armed (a bad duration is bad input before anything runs), then on a GPU
+        # one real step and one MLflow write, before any cell is claimed.
+        if code := prepare(options, grids):
             return code
-        if worker:
-            from ablations.run.worker import work
-
-            return work(args, exps, grids)
-        if wants_workers(args):
-            from ablations.run.launcher import launch
-
-            code = launch(args, exps, grids)
-        else:
-            from ablations.run.worker import run_here
-
-            code = run_here(args, exps, grids)  # this process is the grid's one worker
-        if code in (EXIT_PREEMPTED, EXIT_TIME_LIMIT):  # the report waits for a run that finishes the grids
+        code = dispatch(options, exps, grids, worker=worker)  # a worker, a launcher, or this process as the one worker
+        if worker or code in (EXIT_PREEMPTED, EXIT_TIME_LIMIT):  # the report waits for a run that finishes the grids
             return code
         for name, _ in grids:
-            _report_quietly(args.tracking_uri or default_tracking_uri(), name, exps, args.results_dir, args.preset)
+            _report_quietly(options.store, name, exps, args.results_dir, args.preset)
         return code
     except (ConfigError, DataError, BadInput) as exc:  # only bad input; any other exception is a bug: traceback, 1
         print(f"error: {exc}", file=sys.stderr)

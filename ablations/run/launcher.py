@@ -3,7 +3,6 @@ machine (each pinned to its GPU), shows the grid's progress as they end cells, a
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
@@ -17,9 +16,9 @@ from optuna.trial import TrialState
 from ablations.run.cellqueue import CellStatus, GridQueue, count
 from ablations.config import Cell, ExperimentsFile
 from ablations.run.storage import default_storage, new_series
-from ablations.train.checkpoint import STOP, checkpoints_for
+from ablations.train.checkpoint import STOP
 from ablations.run.worker import open_grids
-from ablations.run.options import check_args, gpus_for, worker_slots
+from ablations.run.options import RunOptions, gpus_for, worker_slots
 from ablations.run.output import summary
 from ablations.util.timefmt import eta, fmt_duration
 
@@ -55,22 +54,24 @@ class GridMonitor:
                   f"- {detail}; ETA {fmt_duration(left if done < total else 0.0)}", file=self.stream, flush=True)
 
 
-def _worker_argv(args: argparse.Namespace, tracking_uri: str, storage: str, worker_id: str, device: str,
+def _worker_argv(options: RunOptions, tracking_uri: str, storage: str, worker_id: str, device: str,
                  threads: int, series: str | None) -> list[str]:
-    argv = [sys.executable, "-m", "ablations.cli", "worker", "--launched", "--config", args.config,
+    """The `run_ablation.py worker` command line that joins this launch: the same cells, options and store."""
+    argv = [sys.executable, "-m", "ablations.cli", "worker", "--launched", "--config", options.config,
             "--tracking-uri", tracking_uri,
             "--storage", storage, "--device", device, "--worker-id", worker_id, "--threads", str(threads),
-            "--heartbeat", str(args.heartbeat), "--grace", str(args.grace)]
-    for grid in dict.fromkeys(args.grid):
+            "--heartbeat", str(options.heartbeat), "--grace", str(options.grace)]
+    for grid in dict.fromkeys(options.grids):
         argv += ["--grid", grid]
-    for item in args.sets:
+    for item in options.sets:
         argv += ["--set", item]
-    for flag, value in (("--preset", args.preset), ("--seeds", args.seeds), ("--data-root", args.data_root),
-                        ("--retries", args.retries), ("--series", series)):
+    seeds = None if options.seeds is None else ",".join(map(str, options.seeds))
+    for flag, value in (("--preset", options.preset), ("--seeds", seeds), ("--data-root", options.data_root),
+                        ("--retries", options.retries), ("--series", series)):
         if value is not None:
             argv += [flag, str(value)]
-    argv += ["--checkpoint-dir", str(checkpoints_for(args, tracking_uri).root)]
-    if args.keep_checkpoints:
+    argv += ["--checkpoint-dir", str(options.checkpoints(tracking_uri).root)]
+    if options.keep_checkpoints:
         argv.append("--keep-checkpoints")
     if STOP.limit is not None:  # what is left of the launcher's limit, less a margin for the launcher's own summing up
         left = max(1.0, STOP.limit - STOP.margin - STOP.elapsed())
@@ -92,62 +93,61 @@ def _stop(procs: Sequence[subprocess.Popen], timeout: float = 60.0) -> None:
             p.wait()
 
 
-def _queue_grids(args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]],
+def _queue_grids(options: RunOptions, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]],
                  tracking_uri: str, storage: str, series: str | None) -> tuple[list[GridQueue], dict[str, int]]:
     """Create each grid's MLflow experiment and queue before any worker starts; enqueue what is
     missing, failed cells included (a new launch); return the queues and how many cells were done."""
-    _, runs = open_grids(args, exps, grids, tracking_uri, storage, series)
+    _, runs = open_grids(options, exps, grids, tracking_uri, storage, series)
     queues, already = [], {}
     for r in runs:
-        statuses = r.queue.reconcile(r.queue.retries(args.retries), reset_failed=True)
+        statuses = r.queue.reconcile(r.queue.retries(options.retries), reset_failed=True)
         already[r.queue.grid] = count(statuses, "done")
         queues.append(r.queue)
     return queues, already
 
 
-def _spawn(args: argparse.Namespace, slots: Sequence[str | None], tracking_uri: str, storage: str,
+def _spawn(options: RunOptions, slots: Sequence[str | None], tracking_uri: str, storage: str,
            series: str | None, procs: list[subprocess.Popen]) -> str:
     """Start one `worker` process per slot (appended to `procs` as they start); describe where they run."""
     import ablations
 
-    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, len(slots)))  # don't oversubscribe the cores
+    threads = options.threads or max(1, (os.cpu_count() or 1) // max(1, len(slots)))  # don't oversubscribe the cores
     src = str(Path(ablations.__file__).resolve().parents[1])
     for i, gpu in enumerate(slots):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
                "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        device = args.device
+        device = options.device
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"], device = gpu, "cuda"  # the worker sees its one GPU as cuda:0
-            env["SENET_WORKERS_PER_DEVICE"] = str(args.workers_per_gpu)  # resident data takes 1/K of the GPU
+            env["SENET_WORKERS_PER_DEVICE"] = str(options.workers_per_gpu)  # resident data takes 1/K of the GPU
         # Its own session: a terminal's Ctrl-C reaches the launcher only, which passes it on once.
-        procs.append(subprocess.Popen(_worker_argv(args, tracking_uri, storage, f"w{i}", device, threads, series),
+        procs.append(subprocess.Popen(_worker_argv(options, tracking_uri, storage, f"w{i}", device, threads, series),
                                       env=env, start_new_session=True))
     return ", ".join(f"w{i}: GPU {g}" for i, g in enumerate(slots) if g is not None) or f"CPU, {threads} threads each"
 
 
-def launch(args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]]) -> int:
+def launch(options: RunOptions, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]]) -> int:
     """`--workers N` (and/or --gpus): queue the grids, start N local workers, show progress."""
     from ablations.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_TIME_LIMIT
     from ablations.run.runner import load_data
-    from ablations.tracking import default_tracking_uri
 
-    check_args(args)
-    gpus = gpus_for(args)
-    tracking_uri = args.tracking_uri or default_tracking_uri()
-    storage = args.storage or default_storage(tracking_uri)
+    options.check()
+    gpus = gpus_for(options)
+    tracking_uri = options.store
+    storage = options.storage or default_storage(tracking_uri)
     load_data([c for _, cells in grids for c in cells])  # bad input ends here; workers then read the cache
-    series = new_series() if args.force else None  # --force: every cell again, in a study of its own
-    queues, already = _queue_grids(args, exps, grids, tracking_uri, storage, series)
+    series = new_series() if options.force else None  # --force: every cell again, in a study of its own
+    queues, already = _queue_grids(options, exps, grids, tracking_uri, storage, series)
     todo = sum(len(q.cells) for q in queues) - sum(already.values())
-    slots = worker_slots(args.workers, gpus, args.workers_per_gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))[:todo]
+    slots = worker_slots(options.workers, gpus, options.workers_per_gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))[:todo]
 
     procs: list[subprocess.Popen] = []
     previous = STOP.install()  # SIGTERM/SIGUSR1 reach the workers as a preemption: each checkpoints its cell
     forwarded = False
     try:
-        where = _spawn(args, slots, tracking_uri, storage, series, procs)
+        where = _spawn(options, slots, tracking_uri, storage, series, procs)
         print(f"started {len(procs)} workers ({where}); queue {storage}", file=sys.stderr, flush=True)
-        monitors = [GridMonitor(q, q.retries(args.retries), sys.stderr) for q in queues]
+        monitors = [GridMonitor(q, q.retries(options.retries), sys.stderr) for q in queues]
         while any(p.poll() is None for p in procs):
             why = STOP.check()  # a signal, or the launcher's own stop point (the workers' comes a margin earlier)
             if why is not None and not forwarded:
@@ -171,14 +171,14 @@ def launch(args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[tupl
         print(f"workers exited with codes {codes}", file=sys.stderr)
     stop_code = EXIT_PREEMPTED if STOP.reason is not None else EXIT_TIME_LIMIT if STOP.check() is not None or \
         EXIT_TIME_LIMIT in codes else EXIT_PREEMPTED if EXIT_PREEMPTED in codes else None
-    unsettled = any(s.state not in ("done", "failed") for q in queues for s in q.statuses(q.retries(args.retries)).values())
+    unsettled = any(s.state not in ("done", "failed") for q in queues for s in q.statuses(q.retries(options.retries)).values())
     if stop_code is not None and unsettled:
         from ablations.run.timelimit import stop_summary
         from ablations.tracking import client_for
 
         why = STOP.reason or ("a worker was preempted" if stop_code == EXIT_PREEMPTED else "time limit reached")
-        stop_summary(client_for(tracking_uri), grids, checkpoints_for(args, tracking_uri), why, sys.stderr,
+        stop_summary(client_for(tracking_uri), grids, options.checkpoints(tracking_uri), why, sys.stderr,
                      estimate=stop_code == EXIT_TIME_LIMIT)
         return stop_code
-    code = summary(queues, args.retries, tracking_uri, sys.stderr, already)
+    code = summary(queues, options.retries, tracking_uri, sys.stderr, already)
     return EXIT_BAD_INPUT if codes and all(c == EXIT_BAD_INPUT for c in codes) else code

@@ -1,60 +1,99 @@
-"""The command-line options of parallel and distributed runs (shared by a plain run, the launcher
-and `run_ablation.py worker`), their checks, and where each worker runs (which GPU)."""
+"""RunOptions: the typed, frozen options of a run of some grids, their checks, and which GPU each worker gets.
+
+They say what to run, where, with how many workers, and where checkpoints go. run_ablation.py
+builds one from its command line (ablations/cli.py); a Python caller builds one directly and hands
+it to `ablations.run.run_grids`. Nothing below the CLI sees argparse.
+"""
 
 from __future__ import annotations
 
-import argparse
-from typing import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
-from ablations.config import ConfigError
-from ablations.run.storage import JOURNAL_NAME
+from ablations.config import Cell, ConfigError, ExperimentsFile, resolve_cells
 
-
-def add_parallel_options(p: argparse.ArgumentParser) -> None:
-    """The options of parallel and distributed runs (shared by the launcher and `worker`)."""
-    g = p.add_argument_group("parallel and distributed runs (docs/distributed.md)",
-                             "Every run claims its cells from a queue, so any number of runs of one grid, started "
-                             "in any way, run each cell once. `run_ablation.py worker --grid NAME --storage URL ...` "
-                             "joins a grid's workers from any machine: it pulls cells until the grid is done.")
-    g.add_argument("--workers", type=int, metavar="N",
-                   help="run N cells at once, each in its own process (default: 1, in this process; "
-                   "with --gpus: GPUs x --workers-per-gpu)")
-    g.add_argument("--gpus", metavar="LIST", help="GPU indices to spread the workers over, e.g. 0,1 "
-                   "(default on CUDA: every visible GPU); each worker sees one GPU")
-    g.add_argument("--workers-per-gpu", type=int, default=1, metavar="K", help="workers sharing each GPU (default: 1)")
-    g.add_argument("--storage", metavar="URL", help="Optuna storage queueing the cells: postgresql://user@host/db for "
-                   f"many machines, or a journal file path (default: {JOURNAL_NAME} beside the MLflow store)")
-    g.add_argument("--retries", type=int, metavar="K",
-                   help="run a failed cell up to K more times (default: the grid's queue setting, else 0)")
-    g.add_argument("--heartbeat", type=int, default=20, metavar="SECONDS",
-                   help="how often a worker tells the storage its cell is alive (default: %(default)s)")
-    g.add_argument("--grace", type=int, default=90, metavar="SECONDS",
-                   help="a cell whose heartbeat is older is taken back and queued again (default: %(default)s)")
-    g.add_argument("--worker-id", help=argparse.SUPPRESS)
-    g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads of a `worker` (default: every core; "
-                   "--workers N gives each of its workers cores // N)")
-    g.add_argument("--launched", action="store_true", help=argparse.SUPPRESS)  # started by a launcher: it sums up
-    g.add_argument("--series", help=argparse.SUPPRESS)  # the launcher's --force study, passed to its workers
+if TYPE_CHECKING:
+    from ablations.train.checkpoint import Checkpoints
 
 
-def wants_workers(args: argparse.Namespace) -> bool:
-    """Whether to start worker processes; without them this process is the one worker."""
-    return args.workers is not None or args.gpus is not None or args.workers_per_gpu != 1
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run the cells of some grids. Each field is run_ablation.py's option of the same name
+    (workers_per_gpu is --workers-per-gpu), with the same default and meaning (--help)."""
 
+    # What to run. A launcher's workers resolve the same cells from these, so they travel with it.
+    config: str = "experiments.yaml"
+    grids: tuple[str, ...] = ()
+    preset: str | None = None
+    sets: tuple[str, ...] = ()  # KEY=VALUE items, as --set takes them
+    seeds: tuple[int, ...] | None = None  # None: the file's seeds
+    data_root: str | None = None  # overrides dataset.root
+    # Where, and how.
+    tracking_uri: str | None = None  # None: sqlite:///./mlflow.db
+    device: str = "auto"
+    force: bool = False
+    # Parallel and distributed runs.
+    workers: int | None = None
+    gpus: str | None = None  # GPU indices as written, e.g. "0,1"; checked where they are used
+    workers_per_gpu: int = 1
+    storage: str | None = None
+    retries: int | None = None
+    heartbeat: int = 20
+    grace: int = 90
+    worker_id: str | None = None
+    threads: int | None = None
+    launched: bool = False  # started by a launcher, which sums up for its workers
+    series: str | None = None  # the launcher's --force study, passed to its workers
+    # Checkpoints and time limits.
+    checkpoint_dir: str | None = None
+    keep_checkpoints: bool = False
+    time_limit: str | None = None  # e.g. 90s, 9m, 2h, 1h30m
+    time_margin: float | None = None
 
-def check_args(args: argparse.Namespace, worker: bool = False) -> None:
-    """The parallel options' values; `worker`: for `run_ablation.py worker`."""
-    if worker and args.force:
-        raise ConfigError("--force: give it to the run that starts the grid (a plain run or --workers N), "
-                          "not to a `worker`, which joins the grid as it is queued")
-    for name in ("workers", "workers_per_gpu", "heartbeat", "grace"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')}: must be at least 1, got {value}")
-    if args.retries is not None and args.retries < 0:
-        raise ConfigError(f"--retries: must be 0 or more, got {args.retries}")
-    if args.grace <= args.heartbeat:
-        raise ConfigError(f"--grace: must be longer than --heartbeat ({args.heartbeat} s), got {args.grace}")
+    @property
+    def store(self) -> str:
+        """The MLflow tracking URI the run writes to."""
+        from ablations.tracking import default_tracking_uri
+
+        return self.tracking_uri or default_tracking_uri()
+
+    @property
+    def wants_workers(self) -> bool:
+        """Whether to start worker processes; without them this process is the one worker."""
+        return self.workers is not None or self.gpus is not None or self.workers_per_gpu != 1
+
+    def check(self, worker: bool = False) -> None:
+        """The parallel options' values; `worker`: for `run_ablation.py worker`."""
+        if worker and self.force:
+            raise ConfigError("--force: give it to the run that starts the grid (a plain run or --workers N), "
+                              "not to a `worker`, which joins the grid as it is queued")
+        for name in ("workers", "workers_per_gpu", "heartbeat", "grace"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be at least 1, got {value}")
+        if self.retries is not None and self.retries < 0:
+            raise ConfigError(f"--retries: must be 0 or more, got {self.retries}")
+        if self.grace <= self.heartbeat:
+            raise ConfigError(f"--grace: must be longer than --heartbeat ({self.heartbeat} s), got {self.grace}")
+
+    def checkpoints(self, tracking_uri: str) -> Checkpoints:
+        """Where the cells' checkpoints go: checkpoint_dir, else beside the MLflow store."""
+        from ablations.train.checkpoint import Checkpoints, default_checkpoint_dir
+
+        root = Path(self.checkpoint_dir).resolve() if self.checkpoint_dir else default_checkpoint_dir(tracking_uri)
+        return Checkpoints(root, self.keep_checkpoints)
+
+    def resolve(self, exps: ExperimentsFile) -> list[tuple[str, list[Cell]]]:
+        """Each grid's cells, with the preset, --set items, seeds and data root applied."""
+        out = []
+        for name in dict.fromkeys(self.grids):
+            cells = resolve_cells(exps, name, preset=self.preset, sets=self.sets, seeds=self.seeds)
+            if self.data_root:
+                cells = [replace(c, config=c.config.model_copy(update={
+                    "dataset": c.config.dataset.model_copy(update={"root": self.data_root})})) for c in cells]
+            out.append((name, cells))
+        return out
 
 
 def parse_gpus(text: str) -> list[int]:
@@ -79,24 +118,25 @@ def worker_slots(workers: int | None, gpus: Sequence[int], per_gpu: int,
     return [names[gpus[i % len(gpus)]] if gpus else None for i in range(n)]
 
 
-def gpus_for(args: argparse.Namespace) -> list[int]:
+def gpus_for(options: RunOptions) -> list[int]:
     """The GPU indices to spread workers over: --gpus, the one of --device cuda:N, or all of them."""
     import torch
 
-    on_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-    if args.gpus is not None and args.device == "cpu":
+    device, gpus_text = options.device, options.gpus
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if gpus_text is not None and device == "cpu":
         raise ConfigError("--gpus: cannot pin workers to GPUs with --device cpu")
-    if (on_cuda or args.gpus is not None) and not torch.cuda.is_available():
-        raise ConfigError(f"--{'gpus' if args.gpus is not None else 'device'}: CUDA is not available on this machine")
-    if not on_cuda and args.gpus is None:
-        if args.workers_per_gpu != 1:
+    if (on_cuda or gpus_text is not None) and not torch.cuda.is_available():
+        raise ConfigError(f"--{'gpus' if gpus_text is not None else 'device'}: CUDA is not available on this machine")
+    if not on_cuda and gpus_text is None:
+        if options.workers_per_gpu != 1:
             raise ConfigError("--workers-per-gpu: no GPU to pack workers onto (use --workers N on a CPU)")
         return []
     count = torch.cuda.device_count()
-    if args.gpus is not None:
-        gpus = parse_gpus(args.gpus)
-    elif ":" in args.device:  # --device cuda:N: that one GPU
-        gpus = [int(args.device.split(":", 1)[1])]
+    if gpus_text is not None:
+        gpus = parse_gpus(gpus_text)
+    elif ":" in device:  # --device cuda:N: that one GPU
+        gpus = [int(device.split(":", 1)[1])]
     else:
         gpus = list(range(count))
     if max(gpus) >= count:

@@ -167,14 +167,15 @@ def run_or_exit_code(device_spec: str, config=None, tracking_uri: str | None = N
     return EXIT_OK
 
 
-def gate(args: argparse.Namespace, grids: Sequence[tuple[str, Sequence]]) -> int:
+def gate(grids: Sequence[tuple[str, Sequence]], *, device: str, gpus: str | None = None,
+         tracking_uri: str | None = None) -> int:
     """run_ablation.py's hook: on a GPU, preflight the first cell's settings before any cell is claimed.
 
+    `device`, `gpus` (as written, e.g. "0,1") and `tracking_uri` (None: the default store) are the run's.
     Returns 0 to go on (passed, not on a GPU, or already passed in the launcher that started
     this worker), else EXIT_BAD_INPUT after printing the cause.
     """
-    gpus = getattr(args, "gpus", None)
-    on_gpu = args.device.startswith("cuda") or bool(gpus) or (args.device == "auto" and torch.cuda.is_available())
+    on_gpu = device.startswith("cuda") or bool(gpus) or (device == "auto" and torch.cuda.is_available())
     cells = [c for _, grid in grids for c in grid]
     if not on_gpu or not cells or os.environ.get(PREFLIGHT_PASSED_ENV):
         return EXIT_OK
@@ -184,8 +185,8 @@ def gate(args: argparse.Namespace, grids: Sequence[tuple[str, Sequence]]) -> int
         raise ConfigError("--gpus: CUDA is not available on this machine")
     from ablations.tracking import default_tracking_uri
 
-    spec = "cuda" if gpus or args.device == "auto" else args.device
-    return run_or_exit_code(spec, cells[0].config, args.tracking_uri or default_tracking_uri())
+    spec = "cuda" if gpus or device == "auto" else device
+    return run_or_exit_code(spec, cells[0].config, tracking_uri or default_tracking_uri())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,6 @@ started. docs/distributed.md explains the design.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import signal
@@ -19,18 +18,18 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence, TextIO
 
 from optuna.trial import FrozenTrial, TrialState
 
 from ablations.run.cellqueue import CellStatus, GridQueue, count, settled
-from ablations.train.checkpoint import STOP, checkpoints_for, exit_code_for
+from ablations.train.checkpoint import STOP, exit_code_for
 from ablations.errors import EXIT_TIME_LIMIT
 from ablations.config import Cell, ExperimentsFile
 from ablations.run.heartbeat import Heartbeat, reap_stale
 from ablations.run.storage import check_storage, default_storage, is_rdb, new_series, open_storage, store_init_lock
-from ablations.run.options import check_args
+from ablations.run.options import RunOptions
 from ablations.run.output import Prefixed, WorkerProgress, summary
 
 Statuses = dict[str, CellStatus]
@@ -113,7 +112,7 @@ class GridRun:
     announced: bool = False
 
 
-def open_grids(args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]],
+def open_grids(options: RunOptions, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]],
                tracking_uri: str, storage: str, series: str | None) -> tuple[object, list[GridRun]]:
     """Each grid's MLflow experiment and queue (created once, under a lock: creating them races).
 
@@ -121,7 +120,7 @@ def open_grids(args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[
     from ablations.tracking import client_for, ensure_experiment, reap_dead_runs
 
     if is_rdb(storage):
-        open_storage(storage, args.heartbeat, args.grace)  # a database that cannot be reached is bad input, first
+        open_storage(storage, options.heartbeat, options.grace)  # a database that cannot be reached is bad input, first
     else:
         check_storage(storage)
     out = []
@@ -132,9 +131,9 @@ def open_grids(args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[
     for name, cells in grids:
         grid, exp_id = exps.grids[name], experiments[name]
         reap_dead_runs(client, exp_id)
-        queue = GridQueue(name, cells, storage, args.heartbeat, args.grace, grid.description, series=series)
-        if args.retries is not None:
-            queue.set_retries(args.retries)
+        queue = GridQueue(name, cells, storage, options.heartbeat, options.grace, grid.description, series=series)
+        if options.retries is not None:
+            queue.set_retries(options.retries)
         out.append(GridRun(queue, exp_id, {"paper_table": str(grid.paper_table)} if grid.paper_table else {}))
     return client, out
 
@@ -151,29 +150,28 @@ class Worker:
     progress display on a terminal (None: when the stream is one); `fresh_launch`: failed cells
     get a fresh series of attempts, as when a grid is started again."""
 
-    def __init__(self, args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]],
+    def __init__(self, options: RunOptions, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]],
                  stream: TextIO | None = None, *, prefix: bool = True, live: bool | None = False,
                  fresh_launch: bool = False) -> None:
         from ablations.run.runner import load_data
-        from ablations.tracking import default_tracking_uri
         from ablations.util.device import resolve_device
 
-        self.id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.id = options.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         stream = stream or sys.stderr
         self.out: TextIO = Prefixed(stream, f"[{self.id}] ") if prefix else stream
-        self.device = resolve_device(args.device)
-        self.tracking_uri = args.tracking_uri or default_tracking_uri()
-        self.storage_url = args.storage or default_storage(self.tracking_uri)
-        self.retries_flag, self.poll = args.retries, min(args.heartbeat, 2.0)
-        self.launched, self.fresh_launch = args.launched, fresh_launch
-        self.series = args.series
+        self.device = resolve_device(options.device)
+        self.tracking_uri = options.store
+        self.storage_url = options.storage or default_storage(self.tracking_uri)
+        self.retries_flag, self.poll = options.retries, min(options.heartbeat, 2.0)
+        self.launched, self.fresh_launch = options.launched, fresh_launch
+        self.series = options.series
         self.datasets = load_data([c for _, cells in grids for c in cells])  # bad input before anything is claimed
-        self.client, self.grids = open_grids(args, exps, grids, self.tracking_uri, self.storage_url, self.series)
+        self.client, self.grids = open_grids(options, exps, grids, self.tracking_uri, self.storage_url, self.series)
         live = live if len(self.grids) == 1 else False  # a terminal holds one live display at a time
         for g in self.grids:
             g.progress = WorkerProgress(g.queue.grid, len(g.queue.cells), self.out, g.queue, live=live)
         self._by_queue = {id(g.queue): g for g in self.grids}
-        self.checkpoints = checkpoints_for(args, self.tracking_uri)
+        self.checkpoints = options.checkpoints(self.tracking_uri)
         self.stopped: tuple[int, str] | None = None  # (exit code, reason) once preempted or out of time
 
     def say(self, line: str) -> None:
@@ -289,25 +287,25 @@ def duplicate_in(q: GridQueue, trial: FrozenTrial) -> FrozenTrial | None:
 # ----------------------------------------------------------------------------- entry points
 
 
-def run_here(args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]]) -> int:
+def run_here(options: RunOptions, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]]) -> int:
     """A plain run: this process is the grid's one worker, with the console a serial run had
     (no prefix, a live display on a terminal). Other runs of the grid may work beside it."""
     import torch
 
-    check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.force:
-        args.series = new_series()  # every cell again, in a study of its own
-    return Worker(args, exps, grids, prefix=False, live=None, fresh_launch=True).run()
+    options.check()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    if options.force:
+        options = replace(options, series=new_series())  # every cell again, in a study of its own
+    return Worker(options, exps, grids, prefix=False, live=None, fresh_launch=True).run()
 
 
-def work(args: argparse.Namespace, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]]) -> int:
+def work(options: RunOptions, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]]) -> int:
     """`run_ablation.py worker ...`: pull cells until the grids are done."""
     import torch
 
-    check_args(args, worker=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return Worker(args, exps, grids).run()
+    options.check(worker=True)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    return Worker(options, exps, grids).run()
 

@@ -142,26 +142,6 @@ class Checkpoints:
             pass
 
 
-def checkpoints_for(args, tracking_uri: str) -> Checkpoints:
-    root = Path(args.checkpoint_dir).resolve() if args.checkpoint_dir else default_checkpoint_dir(tracking_uri)
-    return Checkpoints(root, args.keep_checkpoints)
-
-
-def add_checkpoint_options(p) -> None:
-    """--checkpoint-dir, --keep-checkpoints, --time-limit (shared by the serial run, workers and the launcher)."""
-    g = p.add_argument_group("checkpoints, preemption and time limits")
-    g.add_argument("--checkpoint-dir", metavar="PATH",
-                   help="where each running cell keeps its last checkpoint (default: checkpoints/ beside the MLflow store)")
-    g.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep a cell's last checkpoint after its run FINISHED (default: delete it)")
-    g.add_argument("--time-limit", metavar="DURATION",
-                   help="stop cleanly before this much time has passed (e.g. 90s, 9m, 2h, 1h30m): cells that cannot "
-                        "reach a checkpoint in time are not started; exit 124; the same command continues")
-    g.add_argument("--time-margin", type=float, metavar="SECONDS",
-                   help="with --time-limit: checkpoint and stop this long before the limit "
-                        "(default: 5%% of the limit, at least 5 s and at most 2 min)")
-
-
 # ----------------------------------------------------------------------------- stop requests
 
 
