@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from ablations.run.cellqueue import CellStatus, GridQueue, count
 from ablations.config import Cell, ExperimentsFile
+from ablations.data import WORKERS_PER_DEVICE_ENV
 from ablations.run.storage import default_storage, new_series
 from ablations.train.checkpoint import STOP
 from ablations.run.worker import open_grids
@@ -119,7 +120,7 @@ def _spawn(options: RunOptions, slots: Sequence[str | None], tracking_uri: str, 
         device = options.device
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"], device = gpu, "cuda"  # the worker sees its one GPU as cuda:0
-            env["SENET_WORKERS_PER_DEVICE"] = str(options.workers_per_gpu)  # resident data takes 1/K of the GPU
+            env[WORKERS_PER_DEVICE_ENV] = str(options.workers_per_gpu)  # resident data takes 1/K of the GPU
         # Its own session: a terminal's Ctrl-C reaches the launcher only, which passes it on once.
         procs.append(subprocess.Popen(_worker_argv(options, tracking_uri, storage, f"w{i}", device, threads, series),
                                       env=env, start_new_session=True))
