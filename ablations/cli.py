@@ -161,13 +161,15 @@ def _report_or_analyze(args: argparse.Namespace, exps: ExperimentsFile) -> int:
     tracking_uri = args.tracking_uri or default_tracking_uri()
     if args.analyze:
         from ablations.report.analysis import analyze_grid
+        from ablations.report.write import study_of
 
         if not args.grid:
             raise ConfigError("--analyze: name the grid with --grid")
         analysed = []
         for name in args.grid:
             for path in analyze_grid(tracking_uri, name, results_dir=args.results_dir, data_root=args.data_root,
-                                     device=args.device, run_id=args.run_id, preset=args.preset):
+                                     device=args.device, run_id=args.run_id, preset=args.preset,
+                                     study=study_of(exps, args.preset)):
                 print(path)
                 analysed.append(path)
         if not args.report and analysed:  # nothing analysed: the results README stays as it is
@@ -212,10 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     worker = argv[:1] == ["worker"]  # `run_ablation.py worker ...`: pull cells from the grids' queues
     args = build_parser().parse_args(argv[1:] if worker else argv)
-    if args.results_dir is None:  # a smoke check must never overwrite the real results
-        args.results_dir = str(Path("results") / "presets" / args.preset) if args.preset else "results"
     try:
         exps, options, grids = _cells(args)
+        if args.results_dir is None:  # a smoke check must never overwrite the real results; a study's are real
+            check = args.preset and not (args.preset in exps.presets and exps.presets[args.preset].study)
+            args.results_dir = str(Path("results") / "presets" / args.preset) if check else "results"
         if args.list:
             w = max(12, *map(len, exps.grids))
             for name, grid in exps.grids.items():

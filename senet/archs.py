@@ -46,6 +46,13 @@ ARCHS: dict[str, Arch] = {
     # CIFAR stem (3x3, no max-pool) with the four ImageNet stages; stride in the 3x3 as is usual on CIFAR.
     "resnet18_cifar": Arch("basic", (2, 2, 2, 2), (64, 128, 256, 512), stem="cifar"),
     "resnet50_cifar": Arch("bottleneck", (3, 4, 6, 3), _IMAGENET_OUT, _IMAGENET_MID, "cifar", stride_in="3x3"),
+    # CPU-scale study backbones (README, "The cpu preset"): the four stages of ResNet-18/50 (so SE in
+    # stages 2-5 as in the paper), one unit per stage, 32 channels at the narrowest (r = 32 leaves one
+    # hidden unit). The bottleneck twin (expansion 2, not 4) costs the same MACs and parameters, for the
+    # 3x3 position of Table 15.
+    "resnet10_cifar_w32": Arch("basic", (1, 1, 1, 1), (32, 64, 128, 256), stem="cifar", stem_width=32),
+    "resnet14_cifar_w32": Arch("bottleneck", (1, 1, 1, 1), (64, 128, 256, 512), (32, 64, 128, 256), "cifar", 32,
+                               stride_in="3x3"),
     # The original ResNets (stride in the first 1x1 conv), as in the Caffe models SENet measured.
     "resnet50": Arch("bottleneck", (3, 4, 6, 3), _IMAGENET_OUT, _IMAGENET_MID),
     "resnet101": Arch("bottleneck", (3, 4, 23, 3), _IMAGENET_OUT, _IMAGENET_MID),

@@ -269,7 +269,7 @@ def test_resolve_cells_errors(shipped):
     cifar = "reduction, squeeze, excitation, stage, integration, se_3x3, nosqueeze"
     imagenet = ", ".join(f"imagenet_{g}" for g in cifar.split(", "))
     assert err(grid="foo") == f"--grid foo: no such grid (have: {cifar}, {imagenet})"
-    assert err(preset="foo") == "--preset foo: no such preset (have: smoke, quick)"
+    assert err(preset="foo") == "--preset foo: no such preset (have: cpu, smoke, quick)"
     assert err(sets=["train.epoch=5"]) == "--set train.epoch=5: unknown key"
     assert err(sets=["train.epochs=abc"]).startswith("--set train.epochs=abc: 'abc':")
     assert err(sets=["model.se.squeeze=mean"]).startswith("--set model.se.squeeze=mean: 'mean':")

@@ -147,6 +147,9 @@ def resolve_cells(
         p = exps.presets[preset]
         extra.append(section_layer(f"presets.{preset}", p))
         chosen = p.seeds or chosen
+        if grid in p.grids:
+            extra.append(section_layer(f"presets.{preset}.grids.{grid}", p.grids[grid]))
+            chosen = p.grids[grid].seeds or chosen
     extra.extend(set_layer(item) for item in sets)
     if seeds is not None:
         chosen = check_seeds(list(seeds), "--seeds")

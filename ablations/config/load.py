@@ -63,6 +63,11 @@ def load_experiments(path: str | Path) -> ExperimentsFile:
         raise ConfigError(format_validation_error(exc)) from None
     for name, preset in exps.presets.items():
         resolve([defaults_layer(exps), section_layer(f"presets.{name}", preset)], exps.defaults.seeds[0])
+        for grid, values in preset.grids.items():
+            if grid not in exps.grids:
+                raise ConfigError(f"presets.{name}.grids.{grid}: no such grid (have: {', '.join(exps.grids)})")
+            layers = [section_layer(f"presets.{name}", preset), section_layer(f"presets.{name}.grids.{grid}", values)]
+            expand(exps, grid, layers, values.seeds or preset.seeds or exps.grids[grid].seeds or exps.defaults.seeds)
     for name, grid in exps.grids.items():
         expand(exps, name, (), grid.seeds or exps.defaults.seeds)
     return exps

@@ -104,9 +104,13 @@ class TrainConfig(_Strict):
     warmup_epochs: Float = Field(0.0, ge=0)  # linear warmup; may be fractional
     milestones: Annotated[list[Fraction], AfterValidator(_increasing)] = [0.5, 0.75]  # multistep: fractions of the run where lr *= gamma
     gamma: Float = Field(0.1, gt=0, le=1)
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device supports it
+    # auto: what measured fastest on the device (bench/RESULTS.md): bf16 autocast on a GPU and on a CPU
+    # with native bf16 (AVX512-BF16 or AMX), else fp32; channels_last with bf16; compile on a GPU only.
+    # The run records what was chosen as its tags precision, channels_last and compile.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: Literal["auto"] | bool = "auto"
-    compile: bool = False
+    compile: Literal["auto"] | bool = False
+    eval_flip: bool = False  # test-time augmentation: each test image's logits plus its mirror image's
     eval_batch_size: PositiveInt | None = None  # None: twice batch_size (no gradients to hold)
     checkpoint_every: PositiveInt = 1  # epochs between checkpoints; not part of the cell id (NOT_IN_ID)
 
@@ -154,11 +158,24 @@ class GridConfig(_Strict):
     seeds: Seeds | None = None
 
 
-class Preset(_Strict):
+class PresetGrid(_Strict):
+    """A preset's values for one grid (e.g. the grid's own backbone), applied after the preset's own."""
+
     dataset: Overrides = {}
     model: Overrides = {}
     train: Overrides = {}
     seeds: Seeds | None = None
+
+
+class Preset(_Strict):
+    # A preset that makes real results names its study, e.g. "CPU-scale study (...)": reports carry that
+    # label (never "<name> preset", which marks a pipeline check) and go beside the other real results.
+    study: str | None = None
+    dataset: Overrides = {}
+    model: Overrides = {}
+    train: Overrides = {}
+    seeds: Seeds | None = None
+    grids: dict[str, PresetGrid] = {}
 
 
 class ExperimentsFile(_Strict):

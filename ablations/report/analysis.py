@@ -22,7 +22,7 @@ from ablations.errors import BadInput, StoreError, WeightsError
 from ablations.data import Dataset, Split, load_dataset, stratified_indices
 from ablations.report.excitations import collect_excitations
 from ablations.report.findings import write_outputs
-from ablations.report.paths import check_output_dir, safe_name
+from ablations.report.paths import check_output_dir, dataset_folder, safe_name
 from ablations.report.run_artifacts import get_run, load_run
 from ablations.util.device import resolve_device
 from ablations.util.timefmt import eta, fmt_duration
@@ -49,11 +49,12 @@ def balanced_subset(split: Split, max_images: int | None) -> Split:
 # --------------------------------------------------------------------------- one run from MLflow
 
 
-def output_dir(results_dir: str | Path, dataset: str, grid: str, variant: str, seed: int | str) -> Path:
-    """results/<dataset>/<grid>/role_of_se/<variant>_seed<seed>/"""
+def output_dir(results_dir: str | Path, dataset: str, grid: str, variant: str, seed: int | str,
+               study_preset: str | None = None) -> Path:
+    """results/<dataset>/<grid>/role_of_se/<variant>_seed<seed>/ (<dataset>-<preset> for a study preset)"""
     # the same folder names as the grid reports, so role_of_se sits beside them
     run_folder = safe_name(f"{variant}_seed{seed}")
-    return Path(results_dir) / safe_name(dataset) / safe_name(grid) / _ARTIFACT_DIR / run_folder
+    return Path(results_dir) / dataset_folder(dataset, study_preset) / safe_name(grid) / _ARTIFACT_DIR / run_folder
 
 
 def _test_data(config: ExperimentConfig, data_root: str | None, cache_dir: str | Path | None) -> Dataset:
@@ -66,10 +67,14 @@ def _test_data(config: ExperimentConfig, data_root: str | None, cache_dir: str |
     return data
 
 
-def _preset_note(preset: str | None, config: ExperimentConfig) -> str | None:
-    """For a preset run: what it is (a pipeline check), so that nobody reads it against the paper."""
+def _preset_note(preset: str | None, config: ExperimentConfig, study: str | None = None) -> str | None:
+    """For a preset run: what it is (a pipeline check, or a study at its own scale), so that nobody reads it
+    against the paper as if it were the paper's setting."""
     if not preset:
         return None
+    if study:
+        return (f"This run belongs to the {study}: a small CIFAR backbone trained briefly, not the paper's "
+                "ImageNet ResNet-50, so its statistics are compared with Section 7 in shape, not in value.")
     images = config.dataset.train_size or "all"
     epochs = config.train.epochs
     return (f"This run was trained with the {preset} preset ({epochs} epoch{'' if epochs == 1 else 's'} on {images} "
@@ -79,8 +84,9 @@ def _preset_note(preset: str | None, config: ExperimentConfig) -> str | None:
 
 def analyze_run(tracking_uri: str, run_id: str, *, results_dir: str | Path = "results", data_root: str | None = None,
                 device: str | torch.device = "cpu", max_images: int | None = None,
-                cache_dir: str | Path | None = None) -> Path:
+                cache_dir: str | Path | None = None, study: str | None = None) -> Path:
     """Excitation statistics and figures of one finished SE run; returns the folder they were written to.
+    `study`: the label of the run's preset when that preset makes real results (a study of its own).
 
     Reads the run's `config.json` and `model/weights.pt`, evaluates its dataset's test split (at most
     `max_images`, balanced over classes; `data_root` replaces `dataset.root`), writes into
@@ -107,11 +113,12 @@ def analyze_run(tracking_uri: str, run_id: str, *, results_dir: str | Path = "re
     tags = run.data.tags
     grid = tags.get("grid") or client.get_experiment(run.info.experiment_id).name
     variant, seed = tags.get("variant", run_id[:8]), tags.get("seed", str(config.seed))
-    directory = output_dir(results_dir, tags.get("dataset", config.dataset.name), grid, variant, seed)
     preset = tags.get("preset") or None
-    label = f"{grid} ({preset} preset)" if preset else grid
+    directory = output_dir(results_dir, tags.get("dataset", config.dataset.name), grid, variant, seed,
+                           preset if study else None)
+    label = f"{grid}, {study}" if study else f"{grid} ({preset} preset)" if preset else grid
     title = f"{label} / {variant}, seed {seed}: {config.model.arch} on {config.dataset.name} test ({stats.images} images)"
-    write_outputs(stats, directory, title, _preset_note(preset, config))
+    write_outputs(stats, directory, title, _preset_note(preset, config, study))
     client.log_artifacts(run_id, str(directory), artifact_path=_ARTIFACT_DIR)
     return directory
 
@@ -146,7 +153,7 @@ def se_runs(client: MlflowClient, grid: str, preset: str | None = None) -> list:
 
 def analyze_grid(tracking_uri: str, grid: str, *, results_dir: str | Path = "results", data_root: str | None = None,
                  device: str | torch.device = "cpu", max_images: int | None = None,
-                 run_id: str | None = None, preset: str | None = None) -> list[Path]:
+                 run_id: str | None = None, preset: str | None = None, study: str | None = None) -> list[Path]:
     """`analyze_run` for every FINISHED SE run of `grid` trained with `preset` (or just `run_id`);
     one progress line per run on stderr."""
     check_output_dir(results_dir)
@@ -163,7 +170,7 @@ def analyze_grid(tracking_uri: str, grid: str, *, results_dir: str | Path = "res
     for i, run in enumerate(runs, start=1):
         tags = run.data.tags
         out.append(analyze_run(tracking_uri, run.info.run_id, results_dir=results_dir, data_root=data_root,
-                               device=device, max_images=max_images))
+                               device=device, max_images=max_images, study=study))
         elapsed = time.monotonic() - started
         left = eta(elapsed, i / len(runs))  # mean time per run so far, times the runs left
         print(f"role of SE [{i}/{len(runs)}] {grid} {tags.get('variant', '?')} seed={tags.get('seed', '?')} "

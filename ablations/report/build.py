@@ -31,6 +31,7 @@ class GridReport:
     markdown: str
     latex: str
     preset: str | None = None  # the runs' --preset: figure titles carry it
+    study: str | None = None  # the preset's study label, when it makes real results
 
     def csv(self) -> str:
         """One row per run, raw numbers (no timestamps, so it is byte-stable)."""
@@ -52,7 +53,7 @@ class GridReport:
         order = [layout.label(v) for v in layout.variants if v in set(self.runs["variant"])]
         plain = layout.label(PLAIN) if PLAIN in layout.variants else None
         header = layout.header
-        name = preset_label(self.grid, self.preset)
+        name = preset_label(self.grid, self.preset, self.study)
         figs = {"errors": errors_by_variant(self.runs, order, plain, name, header)}
         if layout.ratios:
             runs = self.runs.assign(r=self.runs["variant"].map(layout.ratios))
@@ -81,7 +82,7 @@ def _resolution(runs: pd.DataFrame, dataset: str) -> int | None:
 def build_report(frame: pd.DataFrame, grid: str, dataset: str | None = None, *,
                  grid_config: GridConfig | None = None, description: str = "",
                  default_dataset: str = "unknown", default_arch: str | None = None,
-                 preset: str | None = None) -> GridReport:
+                 preset: str | None = None, study: str | None = None) -> GridReport:
     """The report of one grid on one dataset from runs as `mlflow.search_runs` (or runs_frame) gives them.
 
     dataset None: the dataset of the grid's latest finished run. Only runs trained with `preset`
@@ -93,9 +94,9 @@ def build_report(frame: pd.DataFrame, grid: str, dataset: str | None = None, *,
     cells = cells.loc[cells["dataset"] == dataset].reset_index(drop=True)
     description = description or (grid_config.description if grid_config else "")
     if cells.empty:
-        ctx = Context(grid, dataset, description, preset=preset, other_presets=others)
+        ctx = Context(grid, dataset, description, preset=preset, study=study, other_presets=others)
         return GridReport(grid, dataset, cells.assign(label=pd.Series(dtype=str)), None, pd.DataFrame(),
-                          empty_markdown(ctx), empty_latex(ctx), preset)
+                          empty_markdown(ctx), empty_latex(ctx), preset, study)
     axis_keys = set(grid_config.axes) if grid_config else None
     chosen = select_setting(cells, axis_keys)
     runs = chosen.runs
@@ -110,6 +111,7 @@ def build_report(frame: pd.DataFrame, grid: str, dataset: str | None = None, *,
         epochs=int(epochs.iloc[0]) if len(epochs) else None,
         train_size=str(train_size.iloc[0]) if len(train_size) else None,
         data_sources=tuple(sorted(set(runs["data_source"].dropna()))),
-        left_out=chosen.left_out, differing=chosen.differing, preset=preset, image_size=_resolution(runs, dataset))
+        left_out=chosen.left_out, differing=chosen.differing, preset=preset, study=study,
+        image_size=_resolution(runs, dataset))
     return GridReport(grid, dataset, runs, layout, summary, to_markdown(summary, layout, ctx), to_latex(summary, layout, ctx),
-                      preset)
+                      preset, study)

@@ -14,6 +14,12 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", name) or "_"
 
 
+def dataset_folder(dataset: str, study_preset: str | None = None) -> str:
+    """results/<this>/<grid>/: the dataset, and for a study preset (real results of their own recipe, e.g. the
+    CPU-scale study) the preset too, e.g. `cifar10-cpu`, so they sit beside, never over, full-recipe results."""
+    return safe_name(dataset) + (f"-{safe_name(study_preset)}" if study_preset else "")
+
+
 def check_output_dir(results_dir: str | Path) -> None:
     """Raise OutputError, in one line, when `results_dir` cannot be created or written; create nothing."""
     folder = Path(results_dir)

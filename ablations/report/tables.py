@@ -135,6 +135,7 @@ class Context:
     left_out: int = 0
     differing: tuple[str, ...] = ()
     preset: str | None = None  # the runs were trained with this --preset
+    study: str | None = None  # the preset's study label: real results of a recipe of their own
     image_size: int | None = None  # the resolution the model saw (px), when known
     other_presets: tuple[str, ...] = ()  # presets (or "" for none) with finished runs not shown here
 
@@ -145,13 +146,16 @@ def _source_name(source: str) -> str:
     return f"{Path(where).name or where} ({kind})" if sep else source
 
 
-def preset_label(grid: str, preset: str | None) -> str:
-    """A grid's name as titles show it: preset runs (e.g. smoke) are pipeline checks, and say so."""
+def preset_label(grid: str, preset: str | None, study: str | None = None) -> str:
+    """A grid's name as titles show it: a study preset's runs carry the study's label; other preset runs
+    (e.g. smoke) are pipeline checks, and say so."""
+    if study:
+        return f"{grid}, {study}"
     return f"{grid} ({preset} preset)" if preset else grid
 
 
 def title(layout: Layout | None, ctx: Context) -> str:
-    head = f"{preset_label(ctx.grid, ctx.preset)} on {ctx.dataset}"
+    head = f"{preset_label(ctx.grid, ctx.preset, ctx.study)} on {ctx.dataset}"
     if layout is not None and layout.paper_number is not None:
         table = paper_table(layout.paper_number)
         what = f", {table.title}" if table else ""

@@ -13,7 +13,7 @@ from ablations.config import ExperimentsFile, GridConfig, load_experiments
 from ablations.report.build import FIGURES, GridReport, build_report
 from ablations.report.frames import metric_histories, preset_cells, runs_frame
 from ablations.report.index import write_index
-from ablations.report.paths import check_output_dir, safe_name
+from ablations.report.paths import check_output_dir, dataset_folder, safe_name
 from ablations.tracking import runs_of
 
 TABLE_FILES = ("table.md", "table.tex", "table.csv")
@@ -63,6 +63,13 @@ def _nothing_to_report(grid: str, preset: str | None, others: Sequence[str]) -> 
     return text
 
 
+def study_of(exps: ExperimentsFile | None, preset: str | None) -> str | None:
+    """The study label of a preset that makes real results (None: no preset, or a pipeline check)."""
+    if exps is None or preset is None or preset not in exps.presets:
+        return None
+    return exps.presets[preset].study
+
+
 def write_report(tracking_uri: str, grid: str, results_dir: str | Path = "results",
                  experiments: ExperimentsFile | str | Path | None = None, preset: str | None = None) -> Path | None:
     """Tables (md, tex, csv) and figures (png, pdf) of a grid into results/<dataset>/<grid>/.
@@ -91,16 +98,18 @@ def write_report(tracking_uri: str, grid: str, results_dir: str | Path = "result
         return None
     check_output_dir(results_dir)
     datasets = list(dict.fromkeys(reversed(mine["dataset"].tolist())))
+    study = study_of(exps, preset)
 
     first: Path | None = None
     run_id = _report_run(client, experiment.experiment_id, grid)
     for dataset in datasets:
         report = build_report(frame, grid, dataset, grid_config=grid_config, description=description,
-                              default_dataset=default_dataset, default_arch=default_arch, preset=preset)
+                              default_dataset=default_dataset, default_arch=default_arch, preset=preset, study=study)
         history = metric_histories(client, report.runs) if not report.runs.empty else None
-        directory = Path(results_dir) / safe_name(dataset) / safe_name(grid)
+        folder = dataset_folder(dataset, preset if study else None)
+        directory = Path(results_dir) / folder / safe_name(grid)
         save_report(report, directory, history)
-        where = safe_name(dataset) if preset is None else f"presets/{safe_name(preset)}/{safe_name(dataset)}"
+        where = folder if preset is None or study else f"presets/{safe_name(preset)}/{safe_name(dataset)}"
         client.log_artifacts(run_id, str(directory), artifact_path=where)
         first = first or directory
     client.set_terminated(run_id, "FINISHED")

@@ -169,7 +169,9 @@ def run_cell(cell: Cell, config: ExperimentConfig, data: Dataset, run: CellRun, 
                       f"(run {run.run_id}, resume #{run.resumes})")
     result = train(config, model, data, device, observer=observer, resume=resume, on_checkpoint=on_checkpoint,
                    should_stop=STOP.check)
-    run.set_tags({"compile": result.compile_status})  # "off", "on" or "eager fallback: <why>"
+    # what `auto` chose: compile "off", "on" or "eager fallback: <why>"; precision bf16 | fp32
+    run.set_tags({"compile": result.compile_status, "precision": result.precision,
+                  "channels_last": str(result.channels_last).lower()})
     final = {
         "params": c.params, "caffe_params": c.caffe_params, "gflops": c.gflops,
         "final_top1_err": result.final.test_top1_err, "final_top5_err": result.final.test_top5_err,

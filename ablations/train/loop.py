@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ablations.train.checkpoint import TrainingStopped, set_rng_state, training_state
 from ablations.config import ExperimentConfig, TrainConfig
 from ablations.data import Dataset, is_resident, iterate_batches
+from ablations.util.device import native_bf16
 
 
 class CellFailed(RuntimeError):
@@ -48,6 +49,8 @@ class TrainResult:
     model: nn.Module
     history: list[EpochStats] = field(default_factory=list)
     compile_status: str = "off"  # "on", or "eager fallback: <reason>" (never silent); logged as a run tag
+    precision: str = "fp32"  # what `precision: auto` chose (or was told): "bf16" or "fp32"; a run tag
+    channels_last: bool = False  # likewise for `channels_last`
 
     @property
     def final(self) -> EpochStats:
@@ -193,8 +196,8 @@ class _Compiled:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, device: torch.device, batch_size: int,
-             dtype: torch.dtype, channels_last: bool, autocast) -> tuple[float, float]:
-    """(top-1, top-5) test error in percent.
+             dtype: torch.dtype, channels_last: bool, autocast, flip: bool = False) -> tuple[float, float]:
+    """(top-1, top-5) test error in percent; `flip` adds the mirrored image's logits (flip test-time augmentation).
 
     Runs the eager model even when training is compiled: evaluation is a forward pass over the
     test set once per epoch (a few percent of the work), and compiling it would add a second graph
@@ -209,6 +212,8 @@ def evaluate(model: nn.Module, data: Dataset, device: torch.device, batch_size: 
                                 dtype=dtype, channels_last=channels_last):
         with autocast():
             logits = model(x)
+            if flip:  # the training distribution is mirror-symmetric: average both views' logits
+                logits = logits + model(x.flip(3))
         pred = logits.topk(k, dim=1).indices
         hit = pred == y[:, None]
         top1 += hit[:, 0].sum()
@@ -286,8 +291,9 @@ def train(cfg: ExperimentConfig, model: nn.Module, data: Dataset, device: torch.
     """
     tc = cfg.train
     cuda = device.type == "cuda"
-    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and cuda)
-    channels_last = cuda if tc.channels_last == "auto" else bool(tc.channels_last)
+    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and native_bf16(device))
+    channels_last = (cuda or bf16) if tc.channels_last == "auto" else bool(tc.channels_last)
+    compile_on = cuda if tc.compile == "auto" else tc.compile
     dtype = torch.bfloat16 if bf16 else torch.float32  # batches arrive in the compute dtype: no cast in the model
     autocast: Callable[[], object] = (
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
@@ -298,12 +304,13 @@ def train(cfg: ExperimentConfig, model: nn.Module, data: Dataset, device: torch.
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    step_fn = _Compiled(model, tc.compile)
+    step_fn = _Compiled(model, compile_on)
     optimizer = _make_optimizer(model, tc, device)
     steps_per_epoch = len(data.train.labels) // tc.batch_size or 1
     total = steps_per_epoch * tc.epochs
     eval_bs = tc.eval_batch_size or 2 * tc.batch_size
-    result = TrainResult(model, compile_status=step_fn.status)
+    result = TrainResult(model, compile_status=step_fn.status, precision="bf16" if bf16 else "fp32",
+                         channels_last=channels_last)
     step, first_epoch, skip, partial = 0, 1, 0, None
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -337,7 +344,7 @@ def train(cfg: ExperimentConfig, model: nn.Module, data: Dataset, device: torch.
             if not math.isfinite(train_loss):
                 raise CellFailed(f"loss became {train_loss} at epoch {epoch}")
             train_seconds = carried + time.perf_counter() - start
-            top1, top5 = evaluate(model, data, device, eval_bs, dtype, channels_last, autocast)
+            top1, top5 = evaluate(model, data, device, eval_bs, dtype, channels_last, autocast, tc.eval_flip)
             stats = EpochStats(
                 epoch=epoch, train_loss=train_loss, train_err=100.0 * wrong / max(1, seen),
                 test_top1_err=top1, test_top5_err=top5, lr=lr,
