@@ -29,6 +29,7 @@ from ablations.config import DatasetConfig, ExperimentConfig, TrainConfig
 from ablations.data import load_dataset
 from ablations.errors import EXIT_PREEMPTED, EXIT_TIME_LIMIT
 from ablations.train import TrainingStopped, seed_everything, train
+from ablations.util.device import native_bf16
 from senet import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,13 +262,17 @@ def _seconds_per_step(batch: int) -> float:
     """This machine's time for one training step of the timed grid's model, on one thread, as now loaded."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the grid's processes run (OMP_NUM_THREADS=1)
-    model = build_model(ExperimentConfig.model_validate(GRID_FILE["defaults"]).model)
+    bf16 = native_bf16(torch.device("cpu"))  # what `precision: auto` trains in here
+    layout = torch.channels_last if bf16 else torch.contiguous_format
+    model = build_model({**GRID_FILE["defaults"]["model"], "num_classes": 10}).to(memory_format=layout)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    x, y = torch.randn(batch, 3, 32, 32).contiguous(memory_format=layout), torch.randint(0, 10, (batch,))
 
     def step():
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
 
     try:
@@ -286,13 +291,13 @@ def test_time_limit_stops_before_it_and_repeated_runs_finish_each_cell_once(tmp_
     by its own clock) until one exits 0; then every cell has exactly one FINISHED run.
 
     The grid's work is sized from a step time measured here, so that its training steps alone take
-    about three windows on this machine (quiet or loaded, slow or fast): no first invocation can
+    about two windows on this machine (quiet or loaded, slow or fast): no first invocation can
     finish it, and a faster machine simply trains more epochs per window."""
     limit, progress = 40, 0
     timed = GRID_FILE["grids"]["timed"]
     cells = len(timed["axes"]["model.se.reduction"]) * len(timed["seeds"])
     steps_per_epoch = GRID_FILE["defaults"]["dataset"]["train_size"] // timed["train"]["batch_size"]
-    epochs = max(4, math.ceil(3 * limit / (cells * steps_per_epoch * _seconds_per_step(timed["train"]["batch_size"]))))
+    epochs = max(4, math.ceil(2 * limit / (cells * steps_per_epoch * _seconds_per_step(timed["train"]["batch_size"]))))
     grid_file = copy.deepcopy(GRID_FILE)
     grid_file["grids"]["timed"]["train"]["epochs"] = epochs
     d = tmp_path / "timed"
