@@ -142,3 +142,17 @@ def test_claim_bench_drains_a_synthetic_queue(tmp_path):
     assert run.returncode == 0, run.stderr
     (row,) = json.loads(out.read_text())
     assert row["cells"] == 40 and row["loop"] == "current" and row["cpu_s"] > 0 and row["cpu_ms_per_cell"] > 0
+
+
+def test_a_plain_install_ships_every_subpackage():
+    """pyproject.toml finds packages (no hand-kept list): every folder of ablations/ and senet/ with an
+    __init__.py is in what `pip install .` installs."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    spec = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    shipped = set(find_packages(str(ROOT), include=spec["include"]))
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for top in ("ablations", "senet")
+               for p in (ROOT / top).rglob("__init__.py")}
+    assert on_disk and on_disk <= shipped, on_disk - shipped
