@@ -21,7 +21,7 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ablations.config import ExperimentConfig, TrainConfig
-from ablations.data import CIFAR10_MEAN, CIFAR10_STD, Dataset, default_cache_dir
+from ablations.data import CIFAR10_MEAN, CIFAR10_STD, Dataset, default_cache_dir, stratified_indices
 from ablations.util.fs import build_once
 from senet import build_model
 
@@ -163,6 +163,7 @@ MODELS = {
         ModelSpec("se_resnet18_cifar", "SE-ResNet-18-CIFAR", "resnet18_cifar", 16),
         ModelSpec("se_resnet56", "SE-ResNet-56", "resnet56", 16),  # hidden widths 16/32/64 // 16 = 1/2/4
         ModelSpec("se_resnet20", "SE-ResNet-20", "resnet20", 16),  # the accuracy-parity model, and for tests
+        ModelSpec("se_resnet10_cifar_w32", "SE-ResNet-10-w32", "resnet10_cifar_w32", 16),  # the cpu preset's backbone
     )
 }
 
@@ -309,14 +310,38 @@ def plain_transform() -> Any:
                       T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
 
 
-def plain_train_set(root: Path, cache: Path | None = None) -> tuple[torch.utils.data.Dataset, str]:
-    """CIFAR-10's training set as a typical user loads it, and a line saying which copy was used."""
+class CIFAR10Style(torch.utils.data.Dataset):
+    """What torchvision.datasets.CIFAR10 is once loaded: uint8 (N, 32, 32, 3) in memory, one PIL image per
+    item through the transforms. Offline, the plain loop reads the decoded JPEG copy through it."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Any) -> None:
+        self.data, self.targets, self.transform = np.asarray(images), [int(t) for t in labels], transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.data[index])), self.targets[index]
+
+
+def plain_train_set(root: Path, cache: Path | None = None,
+                    cifar_style: bool = False) -> tuple[torch.utils.data.Dataset, str]:
+    """CIFAR-10's training set as a typical user loads it, and a line saying which copy was used.
+    Offline, `cifar_style` serves the JPEG copy the way torchvision's CIFAR10 serves its own (else ImageFolder)."""
     import torchvision
 
     root = root.expanduser().resolve()
     if (root / "cifar-10-batches-py").is_dir():
         ds = torchvision.datasets.CIFAR10(str(root), train=True, download=False, transform=plain_transform())
         return ds, f"torchvision.datasets.CIFAR10({root})"
+    if cifar_style:  # offline: the same in-memory uint8 Dataset as torchvision's CIFAR10, from the decoded copy
+        from ablations.data import load_dataset
+
+        data = load_dataset("cifar10", root, download=False)
+        return (CIFAR10Style(data.train.images, data.train.labels, plain_transform()),
+                f"a torchvision.datasets.CIFAR10-style Dataset (uint8 arrays in memory, PIL per item) on {data.source}")
     tree = root / "cifar10-jpeg"
     how = "JPEG tree"
     if not (tree / "train").is_dir():
@@ -334,22 +359,10 @@ PLAIN_RECIPE = ("RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + N
                 "DataLoader(shuffle=True, num_workers={workers}), fp32, loss.item() every step, SGD momentum 0.9")
 
 
-def stratified_indices(targets: Sequence[int], size: int, seed: int) -> list[int]:
-    """`size` indices spread evenly over the classes, seeded (the plain path's subsets)."""
-    targets_np = np.asarray(targets)
-    rng = np.random.default_rng(seed)
-    classes = np.unique(targets_np)
-    per_class = [rng.permutation(np.flatnonzero(targets_np == c)) for c in classes]
-    quota = [size // len(classes) + (i < size % len(classes)) for i in range(len(classes))]
-    if any(q > len(p) for q, p in zip(quota, per_class)):
-        raise ValueError(f"subset of {size} is larger than the data")
-    return sorted(int(i) for p, q in zip(per_class, quota) for i in p[:q])
-
-
 def plain_loader(ds: torch.utils.data.Dataset, batch_size: int, workers: int, seed: int,
                  subset: int | None = None) -> torch.utils.data.DataLoader:
     if subset is not None:
-        ds = torch.utils.data.Subset(ds, stratified_indices(ds.targets, subset, seed))  # type: ignore[attr-defined]
+        ds = torch.utils.data.Subset(ds, stratified_indices(ds.targets, subset, seed).tolist())  # type: ignore[attr-defined]
     gen = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, generator=gen)
 
@@ -361,13 +374,16 @@ def plain_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.SGD:
 
 def plain_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, opt: torch.optim.Optimizer,
                 device: torch.device, label_smoothing: float = 0.0, sched: Any = None,
-                window: Window | None = None) -> tuple[int, float]:
-    """One epoch of the textbook loop; returns (images, mean loss)."""
+                window: Window | None = None, bf16: bool = False) -> tuple[int, float]:
+    """One epoch of the textbook loop; returns (images, mean loss). `bf16`: the same loop with bf16 autocast
+    and channels_last (the model must already be channels_last), as a user adds them to a plain loop."""
     model.train()
     seen, loss_sum = 0, 0.0
+    layout = torch.channels_last if bf16 else torch.contiguous_format
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+        x, y = x.to(device, memory_format=layout), y.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -4,11 +4,16 @@
                                 [--epochs N | --steps N --warmup-steps N] [--batch-size N]
                                 [--plain-workers N] [--models K,K] [--compile] [--json-out PATH]
 
-(a) plain:   torchvision CIFAR10 (or, offline, ImageFolder on the JPEG copy extracted once into the
-             cache), RandomCrop(32, 4) + flip + ToTensor + Normalize, DataLoader(shuffle=True,
-             num_workers=4), fp32, loss.item() every step, torch.optim.SGD with momentum.
+(a) plain:   torchvision CIFAR10 (or, offline, the decoded JPEG copy through a Dataset that works as
+             torchvision's CIFAR10 does: uint8 arrays in memory, one PIL image per item; --plain-dataset
+             imagefolder decodes the JPEGs every epoch instead), RandomCrop(32, 4) + flip + ToTensor +
+             Normalize, DataLoader(shuffle=True, num_workers=4), fp32, loss.item() every step, SGD momentum.
+             --plain-precision both adds the same loop in the harness's precision (bf16 autocast +
+             channels_last), the like-for-like row.
 (b) harness: ablations.train.train on ablations.data.load_dataset (uint8 data resident on the GPU,
-             augmentation on the GPU, bf16 autocast + channels_last on CUDA, fused SGD).
+             augmentation batched on the device, precision auto: bf16 autocast + channels_last on CUDA
+             and on CPUs with native bf16, fused SGD on CUDA).
+--rounds N interleaves the paths N times per model (a change of load hits every path alike).
 
 Both run the same models (SE-ResNet-18-CIFAR and SE-ResNet-56, r = 16), batch size and optimizer
 settings. Images/s count training only and exclude warm-up: with --epochs (default on a GPU) the
@@ -42,6 +47,7 @@ from ablations.config import TrainConfig
 from ablations.data import Dataset, load_dataset
 from ablations.train import seed_everything
 from ablations.train import train as harness_train
+from ablations.util.device import native_bf16
 from benchlib import MODELS, SPEED_LR, ModelSpec, StepWindow, WindowDone
 from senet import complexity
 
@@ -96,10 +102,10 @@ def speed_train_config(timing: Timing, compile_: bool = False) -> TrainConfig:
 
 
 def plain_speed(spec: ModelSpec, ds: torch.utils.data.Dataset, device: torch.device, timing: Timing,
-                workers: int, seed: int = 0) -> Speed:
-    """Images/s of the plain loop (fp32, contiguous) on `spec`."""
+                workers: int, seed: int = 0, bf16: bool = False) -> Speed:
+    """Images/s of the plain loop on `spec`: fp32 and contiguous, or (`bf16`) bf16 autocast + channels_last."""
     seed_everything(seed)
-    model = benchlib.make_model(spec).to(device)
+    model = benchlib.make_model(spec).to(device, memory_format=torch.channels_last if bf16 else torch.contiguous_format)
     tc = speed_train_config(timing)
     opt = benchlib.plain_optimizer(model, tc)
     full = len(ds)  # type: ignore[arg-type]
@@ -107,7 +113,7 @@ def plain_speed(spec: ModelSpec, ds: torch.utils.data.Dataset, device: torch.dev
         loader = benchlib.plain_loader(ds, timing.batch_size, workers, seed, subset=timing.subset_size)
         window = StepWindow(timing.warmup_steps, timing.timed_steps)
         with contextlib.suppress(WindowDone):
-            benchlib.plain_epoch(model, loader, opt, device, window=window)
+            benchlib.plain_epoch(model, loader, opt, device, window=window, bf16=bf16)
         steps, images, seconds = window.measured()
         del loader  # shuts its workers down
         return Speed(images / seconds, full * seconds / images, True, full, images, seconds, steps)
@@ -116,7 +122,7 @@ def plain_speed(spec: ModelSpec, ds: torch.utils.data.Dataset, device: torch.dev
     for _ in range(timing.epochs):
         benchlib.sync(device)
         start = time.perf_counter()  # worker start-up included: it is part of every epoch here
-        seen, _ = benchlib.plain_epoch(model, loader, opt, device)
+        seen, _ = benchlib.plain_epoch(model, loader, opt, device, bf16=bf16)
         benchlib.sync(device)
         times.append(time.perf_counter() - start)
         counts.append(seen)
@@ -204,16 +210,18 @@ def mfu(images_per_s: float, flops_per_image: float, peak: float | None) -> floa
 
 def print_model(label: str, gmacs: float, timing: Timing, row: dict[str, Any], peak_note: str) -> None:
     print(f"\n{label}  ({gmacs:.3f} GMAC/image forward, batch {timing.batch_size})")
-    print(f"  {'path':8s} {'images/s':>10s} {'s/epoch (train)':>26s} {'timed':>18s} {'MFU':>8s}")
-    for path in ("plain", "harness"):
+    print(f"  {'path':10s} {'images/s':>10s} {'s/epoch (train)':>26s} {'timed':>18s} {'MFU':>8s}")
+    for path in [p for p in ("plain", "plain_bf16", "harness") if p in row]:
         s = row[path]
         per_epoch = f"{s['seconds_per_epoch']:.1f}" + (" (extrapolated)" if s["extrapolated"] else "")
         what = f"{s['timed_steps']} steps {s['timed_seconds']:.1f}s"
-        m = row["mfu"][path]
-        print(f"  {path:8s} {s['images_per_s']:10.1f} {per_epoch:>26s} {what:>18s} "
+        m = row["mfu"].get(path)
+        print(f"  {path:10s} {s['images_per_s']:10.1f} {per_epoch:>26s} {what:>18s} "
               f"{(f'{100 * m:.1f}%' if m is not None else 'n/a'):>8s}")
     print(f"  harness/plain images/s: {row['ratio']:.2f}x" + ("" if row["mfu"]["plain"] is not None else
                                                                f"   (MFU {peak_note})"))
+    if "ratio_vs_plain_bf16" in row:
+        print(f"  harness/plain_bf16 images/s: {row['ratio_vs_plain_bf16']:.2f}x")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plain-workers", type=int, help="DataLoader workers (default 4; min(4, cores) with --quick on CPU)")
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma list of {', '.join(MODELS)}")
     ap.add_argument("--compile", action="store_true", help="harness with torch.compile (train.compile=true)")
+    ap.add_argument("--plain-precision", choices=("fp32", "both"), default="fp32",
+                    help="both: also the plain loop in the harness's precision (bf16 autocast + channels_last "
+                         "where the harness picks bf16), for a like-for-like row")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds (plain, plain-bf16, harness) per model")
+    ap.add_argument("--plain-dataset", choices=("cifar10-style", "imagefolder"), default="cifar10-style",
+                    help="offline (no torchvision pickles): the decoded copy through a torchvision-CIFAR10-style "
+                         "in-memory Dataset, or ImageFolder decoding the JPEGs every epoch")
     ap.add_argument("--json-out", type=Path, help="also write the numbers as JSON")
     return ap
 
@@ -267,16 +282,20 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"warm-up steps, then {timing.timed_steps} timed steps; s/epoch extrapolated to the full train set")
 
     start = time.perf_counter()
-    plain_ds, plain_source = benchlib.plain_train_set(root)
+    plain_ds, plain_source = benchlib.plain_train_set(root, cifar_style=args.plain_dataset == "cifar10-style")
     print(f"plain:   {plain_source}, {len(plain_ds)} train images ({time.perf_counter() - start:.1f} s)")  # type: ignore[arg-type]
     print(f"         {benchlib.PLAIN_RECIPE.format(workers=workers)}")
     start = time.perf_counter()
     data = harness_data(root, timing, test_size=None if timing.mode == "epochs" else 10)
     full_train = len(plain_ds)  # type: ignore[arg-type]
     tc = speed_train_config(timing, args.compile)
+    bf16 = native_bf16(device)  # what the harness's precision: auto picks here
     print(f"harness: ablations.data.load_dataset -> {data.source} ({time.perf_counter() - start:.1f} s); "
-          f"ablations.train.train: {'bf16 autocast + channels_last' if cuda else 'fp32 (CPU)'}, "
+          f"ablations.train.train: {'bf16 autocast + channels_last' if bf16 else 'fp32'} (precision auto), "
           f"{'fused' if cuda else 'foreach'} SGD, compile={tc.compile}")
+    paths = ["plain"] + (["plain_bf16"] if args.plain_precision == "both" and bf16 else []) + ["harness"]
+    if args.rounds > 1 or len(paths) > 2:
+        print(f"interleaved: {args.rounds} round(s) of {', '.join(paths)} per model; each path's row is its median round")
 
     report: dict[str, Any] = {"environment": env, "timing": asdict(timing) | {"subset_size": timing.subset_size},
                               "plain_source": plain_source, "plain_workers": workers,
@@ -284,13 +303,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "models": []}
     for spec in specs:
         flops = training_flops_per_image(spec)
-        plain = plain_speed(spec, plain_ds, device, timing, workers)
-        harness = harness_speed(spec, data, root, device, timing, full_train, args.compile)
+        rounds: dict[str, list[Speed]] = {p: [] for p in paths}
+        for r in range(args.rounds):  # interleaved, so that a change of load hits every path alike
+            for path in paths:
+                if path == "harness":
+                    speed = harness_speed(spec, data, root, device, timing, full_train, args.compile)
+                else:
+                    speed = plain_speed(spec, plain_ds, device, timing, workers, bf16=path == "plain_bf16")
+                rounds[path].append(speed)
+                if args.rounds > 1 or len(paths) > 2:
+                    print(f"  {spec.label} round {r + 1}/{args.rounds} {path}: {speed.images_per_s:.1f} images/s "
+                          f"({speed.timed_steps} steps, load {os.getloadavg()[0]:.2f})", flush=True)
+        best = {p: sorted(v, key=lambda s: s.images_per_s)[len(v) // 2] for p, v in rounds.items()}
+        plain, harness = best["plain"], best["harness"]
         row = {"key": spec.key, "label": spec.label, "arch": spec.arch, "se_reduction": spec.reduction,
                "gmacs_forward": flops / 6e9, "training_flops_per_image": flops,
                "plain": asdict(plain), "harness": asdict(harness),
                "ratio": harness.images_per_s / plain.images_per_s,
-               "mfu": {"plain": mfu(plain.images_per_s, flops, peak), "harness": mfu(harness.images_per_s, flops, peak)}}
+               "mfu": {"plain": mfu(plain.images_per_s, flops, peak), "harness": mfu(harness.images_per_s, flops, peak)},
+               "rounds": {p: [asdict(s) for s in v] for p, v in rounds.items()}}
+        if "plain_bf16" in best:
+            row["plain_bf16"] = asdict(best["plain_bf16"])
+            row["ratio_vs_plain_bf16"] = harness.images_per_s / best["plain_bf16"].images_per_s
         report["models"].append(row)
         print_model(spec.label, flops / 6e9, timing, row, peak_note)
     print(f"\nMFU = images/s x 3 x 2 x forward multiply-adds / bf16 dense peak; {peak_note}")
