@@ -72,7 +72,7 @@ def add_parallel_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers-per-gpu", type=int, default=RunOptions.workers_per_gpu, metavar="K",
                    help="workers sharing each GPU (default: 1)")
     g.add_argument("--storage", metavar="URL", help="Optuna storage queueing the cells: postgresql://user@host/db for "
-                   f"many machines, or a journal file path (default: {JOURNAL_NAME} beside the MLflow store)")
+                   f"many machines, or a journal file path (default: the store's own, e.g. mlflow.db{JOURNAL_SUFFIX} beside mlflow.db)")
     g.add_argument("--retries", type=int, metavar="K",
                    help="run a failed cell up to K more times (default: the grid's queue setting, else 0)")
     g.add_argument("--heartbeat", type=int, default=RunOptions.heartbeat, metavar="SECONDS",
