@@ -20,7 +20,7 @@ from ablations.data import DataError
 from ablations.errors import BadInput
 from ablations.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, EXIT_TIME_LIMIT
 from ablations.run import RunOptions, dispatch, prepare
-from ablations.run.storage import JOURNAL_NAME
+from ablations.run.storage import JOURNAL_SUFFIX
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +126,7 @@ def _cells(args: argparse.Namespace) -> tuple[ExperimentsFile, RunOptions | None
 
 
 def _dry_run(grids: list[tuple[str, list[Cell]]], as_json: bool) -> None:
-    from ablations.run.runner import expected_image_size, expected_num_classes, with_num_classes
+    from ablations.config import expected_image_size, expected_num_classes, with_num_classes
     from senet import build_model, complexity
 
     rows, measured = [], {}
