@@ -55,8 +55,8 @@ GRID_FILE = {
         # longer cells (2 epochs on 256 images), so a worker can be stopped between two epochs
         "killed": {"description": "a worker is SIGKILLed mid-cell", "axes": {"model.se.reduction": [4, 8]},
                    "dataset": {"train_size": 256}, "train": {"epochs": 2}, "seeds": [0, 1]},
-        "ctrlc": {"description": "Ctrl-C mid-cell", "axes": {"model.se.reduction": [4, 8]},
-                  "dataset": {"train_size": 256}, "train": {"epochs": 2}, "seeds": [0]},
+        "ctrlc": {"description": "Ctrl-C mid-cell", "axes": {"model.se.reduction": [4, 8]},  # not killed's cells
+                  "dataset": {"train_size": 256, "test_size": 16}, "train": {"epochs": 2}, "seeds": [0]},
         "diverge": {"description": "one cell diverges (NaN within 4 steps)", "axes": {"train.lr": [0.05, 1.0e+12]},
                     "dataset": {"train_size": 128}, "seeds": [0]},
         "unit": {"description": "queue tests (nothing trains)", "axes": {"model.se.reduction": [4, 8, 16]}},
@@ -203,7 +203,8 @@ def test_three_workers_journal_exactly_once(workdir):
         run = by_run[t.user_attrs["mlflow_run_id"]]
         assert run.data.tags["cell_id"] == t.user_attrs["cell_id"] and run.data.tags["optuna_trial"] == str(t.number)
         assert t.value == pytest.approx(run.data.metrics["final_top1_err"])
-        assert t.params == {"variant": t.user_attrs["variant"], "seed": t.user_attrs["seed"]}
+        view = S.view_name("journal12", cells_of(workdir, "journal12"))  # params are named after the grid's view
+        assert t.params == {f"{view}.variant": t.user_attrs["variant"], f"{view}.seed": t.user_attrs["seed"]}
 
     again = start(workdir, *args_for(workdir, "--grid", "journal12", "--workers", "3"))
     out = wait_for_exit(again)  # done already: no worker starts, nothing runs twice
