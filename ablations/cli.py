@@ -20,7 +20,7 @@ from ablations.data import DataError
 from ablations.errors import BadInput
 from ablations.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, EXIT_TIME_LIMIT
 from ablations.run import RunOptions, dispatch, prepare
-from ablations.run.storage import JOURNAL_NAME
+from ablations.run.storage import JOURNAL_SUFFIX
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +72,7 @@ def add_parallel_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers-per-gpu", type=int, default=RunOptions.workers_per_gpu, metavar="K",
                    help="workers sharing each GPU (default: 1)")
     g.add_argument("--storage", metavar="URL", help="Optuna storage queueing the cells: postgresql://user@host/db for "
-                   f"many machines, or a journal file path (default: {JOURNAL_NAME} beside the MLflow store)")
+                   f"many machines, or a journal file path (default: the store's own, e.g. mlflow.db{JOURNAL_SUFFIX} beside mlflow.db)")
     g.add_argument("--retries", type=int, metavar="K",
                    help="run a failed cell up to K more times (default: the grid's queue setting, else 0)")
     g.add_argument("--heartbeat", type=int, default=RunOptions.heartbeat, metavar="SECONDS",
@@ -126,7 +126,7 @@ def _cells(args: argparse.Namespace) -> tuple[ExperimentsFile, RunOptions | None
 
 
 def _dry_run(grids: list[tuple[str, list[Cell]]], as_json: bool) -> None:
-    from ablations.run.runner import expected_image_size, expected_num_classes, with_num_classes
+    from ablations.config import expected_image_size, expected_num_classes, with_num_classes
     from senet import build_model, complexity
 
     rows, measured = [], {}

@@ -1,4 +1,4 @@
-"""MLflow tracking: one experiment per grid, one run per cell.
+"""MLflow tracking: one experiment per grid, one run per cell (per store), linked into the other grids listing it.
 
 All writes go through an explicit `MlflowClient` (no global active run), so several
 workers can log their own runs side by side. Several processes writing one SQLite file
@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar, cast
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar, cast
 
 import torch
 from mlflow import MlflowClient
@@ -215,10 +215,13 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def runs_of(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list:
+def runs_of(client: MlflowClient, experiment_id: str | Sequence[str], filter_string: str = "") -> list:
+    ids = [experiment_id] if isinstance(experiment_id, str) else list(experiment_id)
+    if not ids:
+        return []
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        page = client.search_runs(ids, filter_string=filter_string, max_results=1000, page_token=token)
         runs.extend(page)
         token = page.token
         if not token:
@@ -236,7 +239,70 @@ def finished_run_of(client: MlflowClient, experiment_id: str, cell_id: str) -> R
     return runs[0] if runs else None
 
 
-def kill_running(client: MlflowClient, experiment_id: str, tags: Mapping[str, str], reason: str) -> int:
+# A linked run shows a cell trained in another grid's experiment in this grid's one: these tags name its source.
+REUSED_FROM_RUN, REUSED_FROM_GRID = "reused_from_run", "reused_from_grid"
+
+
+def is_link(run: Run) -> bool:
+    return REUSED_FROM_RUN in run.data.tags
+
+
+def store_experiment_ids(client: MlflowClient) -> list[str]:
+    """Every (active) experiment of the store: one per grid."""
+    return [e.experiment_id for e in client.search_experiments()]
+
+
+def store_finished_runs(client: MlflowClient, cell_ids: Iterable[str] | None = None) -> dict[str, list[Run]]:
+    """The FINISHED cell runs of the whole store by the cell id they carry; originals before linked
+    runs, oldest first. `cell_ids`: only these (one query each), else every cell run."""
+    exps = store_experiment_ids(client)
+    if cell_ids is None:
+        found = runs_of(client, exps, "attributes.status = 'FINISHED'")
+    else:
+        found = [r for cid in dict.fromkeys(cell_ids)
+                 for r in runs_of(client, exps, f"tags.cell_id = '{cid}' and attributes.status = 'FINISHED'")]
+    out: dict[str, list[Run]] = {}
+    for run in sorted(found, key=lambda r: (is_link(r), r.info.start_time or 0, r.info.run_id)):
+        if "cell_id" in run.data.tags:
+            out.setdefault(run.data.tags["cell_id"], []).append(run)
+    return out
+
+
+def runs_of_cell(finished: Mapping[str, list[Run]], cell: Cell) -> list[Run]:
+    """A cell's runs among `finished` (store_finished_runs): under its id, then its legacy id."""
+    return [r for cid in cell.ids for r in finished.get(cid, [])]
+
+
+def link_run(client: MlflowClient, experiment_id: str, cell: Cell, source: Run,
+             extra_tags: Mapping[str, str] | None = None) -> str:
+    """A FINISHED run in `experiment_id` (another grid's) that shows `cell`, trained in `source`:
+    the source's tags, params and metrics (per epoch too), with this grid's cell naming it, and
+    the source named by REUSED_FROM_RUN / REUSED_FROM_GRID. No weights: the source has them."""
+    if is_link(source):  # point at the run that was trained, not at another link
+        source = client.get_run(source.data.tags[REUSED_FROM_RUN])
+    skip = {"grid", "variant", "seed", "cell_id", "preset", "paper_table", "host", "pid", "resumes", "stopped",
+            "failure_reason", REUSED_FROM_RUN, REUSED_FROM_GRID}
+    tags = {k: v for k, v in source.data.tags.items() if not k.startswith("mlflow.") and k not in skip}
+    tags.update({"grid": cell.grid, "variant": cell.variant, "seed": str(cell.seed), "cell_id": cell.cell_id,
+                 "host": socket.gethostname(), "pid": str(os.getpid()),  # a link cut short is reaped as any run
+                 REUSED_FROM_RUN: source.info.run_id, REUSED_FROM_GRID: source.data.tags.get("grid", "")})
+    if cell.preset:
+        tags["preset"] = cell.preset
+    tags.update(extra_tags or {})
+    run = client.create_run(experiment_id, tags=tags, run_name=f"{cell.variant} seed={cell.seed}")
+    run_id = run.info.run_id
+    params = [Param(k, v) for k, v in source.data.params.items()]
+    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=params[i:i + 100])
+    metrics = [Metric(m.key, m.value, m.timestamp, m.step)
+               for key in source.data.metrics for m in client.get_metric_history(source.info.run_id, key)]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id
+
+
+def kill_running(client: MlflowClient, experiment_id: str | Sequence[str], tags: Mapping[str, str], reason: str) -> int:
     """Mark the RUNNING runs carrying all of `tags` KILLED, with `reason`; how many there were."""
     filters = " and ".join([f"tags.{k} = '{v}'" for k, v in tags.items()] + ["attributes.status = 'RUNNING'"])
     runs = runs_of(client, experiment_id, filters)
@@ -263,6 +329,8 @@ class CellRun:
 
     With `resume_run_id`, the existing run of a stopped cell is reopened instead (status RUNNING
     again, this process as its owner, the `resumes` tag counting up) and nothing is logged twice.
+    It stays the run of the grid it was started in (its experiment and tags), whichever grid's
+    worker resumes it: a cell has one run per store.
     """
 
     def __init__(self, client: MlflowClient, experiment_id: str, cell: Cell, device: torch.device,
@@ -291,7 +359,8 @@ class CellRun:
             self.run_id = resume_run_id
             old = client.get_run(resume_run_id).data.tags
             self.resumes = int(old.get("resumes", "0")) + 1
-            self.set_tags({**tags, "resumes": str(self.resumes)})
+            own = {k: old[k] for k in ("grid", "variant", "seed", "preset", "paper_table") if k in old}
+            self.set_tags({**tags, **own, "resumes": str(self.resumes)})
             for stale in ("failure_reason", "stopped"):  # why it stopped last time; it is running again
                 if stale in old:
                     client.delete_tag(resume_run_id, stale)

@@ -337,7 +337,7 @@ def test_launcher_passes_sigusr1_to_its_workers_as_a_preemption(tmp_path):
 
     from ablations.run.cellqueue import GridQueue
     from ablations.config import load_experiments, resolve_cells
-    from ablations.run.storage import JOURNAL_NAME
+    from ablations.run.storage import default_storage
 
     d = write_store(tmp_path / "pair")
     launcher = start(d, "pair", "--workers", "2", "--heartbeat", "1", "--grace", "30")
@@ -349,7 +349,7 @@ def test_launcher_passes_sigusr1_to_its_workers_as_a_preemption(tmp_path):
     assert out.count("preempted (SIGTERM): checkpoint at epoch") == 2  # each worker's own line
     stopped = cell_runs(d, "pair")
     assert len(stopped) == 2 and all(r.info.status == "KILLED" and r.data.tags["stopped"] == "preempted" for r in stopped)
-    q = GridQueue("pair", resolve_cells(load_experiments(d / "experiments.yaml"), "pair"), str(d / JOURNAL_NAME), 1, 30)
+    q = GridQueue("pair", resolve_cells(load_experiments(d / "experiments.yaml"), "pair"), default_storage(uri(d)), 1, 30)
     assert [t.user_attrs.get("failure_kind") for t in q.trials()] == ["preempted", "preempted"]
 
     again = start(d, "pair", "--workers", "2", "--heartbeat", "1", "--grace", "30")

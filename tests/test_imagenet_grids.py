@@ -138,7 +138,7 @@ def test_imagenet_grid_end_to_end_names_dataset_and_resolution(tmp_path, monkeyp
 
 def test_class_list_file_in_the_config(shipped, tmp_path, monkeypatch):
     """ImageNet-100 is a list, not a copy: dataset.classes takes a file; --dry-run counts its classes."""
-    from ablations.run.runner import expected_num_classes
+    from ablations.config import expected_num_classes
 
     (tmp_path / "two.txt").write_text("n01440764  # tench\nn02102040\n")
     monkeypatch.chdir(tmp_path)

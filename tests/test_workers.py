@@ -49,12 +49,14 @@ GRID_FILE = {
     "grids": {
         # 3 variants x 4 seeds = 12 cells, about a second each
         "journal12": {"description": "12 cells, journal queue", "axes": {"model.se.reduction": [4, 8, 16]}},
-        "pg12": {"description": "12 cells, PostgreSQL queue", "axes": {"model.se.reduction": [4, 8, 16]}},
+        # cells of their own (journal12's would be trained once per store, and reused here)
+        "pg12": {"description": "12 cells, PostgreSQL queue", "axes": {"model.se.reduction": [4, 8, 16]},
+                 "dataset": {"test_size": 16}},
         # longer cells (2 epochs on 256 images), so a worker can be stopped between two epochs
         "killed": {"description": "a worker is SIGKILLed mid-cell", "axes": {"model.se.reduction": [4, 8]},
                    "dataset": {"train_size": 256}, "train": {"epochs": 2}, "seeds": [0, 1]},
-        "ctrlc": {"description": "Ctrl-C mid-cell", "axes": {"model.se.reduction": [4, 8]},
-                  "dataset": {"train_size": 256}, "train": {"epochs": 2}, "seeds": [0]},
+        "ctrlc": {"description": "Ctrl-C mid-cell", "axes": {"model.se.reduction": [4, 8]},  # not killed's cells
+                  "dataset": {"train_size": 256, "test_size": 16}, "train": {"epochs": 2}, "seeds": [0]},
         "diverge": {"description": "one cell diverges (NaN within 4 steps)", "axes": {"train.lr": [0.05, 1.0e+12]},
                     "dataset": {"train_size": 128}, "seeds": [0]},
         "unit": {"description": "queue tests (nothing trains)", "axes": {"model.se.reduction": [4, 8, 16]}},
@@ -103,7 +105,7 @@ def cells_of(d: Path, grid: str) -> list:
 
 
 def queue(d: Path, grid: str, storage: str | None = None, grace: int = 4) -> Q.GridQueue:
-    return Q.GridQueue(grid, cells_of(d, grid), storage or str(d / S.JOURNAL_NAME), 1, grace)
+    return Q.GridQueue(grid, cells_of(d, grid), storage or S.default_storage(uri(d)), 1, grace)
 
 
 def assert_exactly_once(d: Path, grid: str, n: int) -> None:
@@ -192,7 +194,7 @@ def test_three_workers_journal_exactly_once(workdir):
     assert "started 3 workers" in out and "[journal12] 12/12 cells done" in out and "ETA" in out
     assert re.search(r"^\[w\d\] \[journal12\] cell \d+/12", out, re.M)  # workers' own lines, prefixed
     assert "grid journal12: 12 finished, 0 skipped (already done), 0 failed, 0 not done, of 12 cells" in out
-    assert (workdir / S.JOURNAL_NAME).is_file()
+    assert (workdir / "mlflow.db.queue.journal").is_file()  # the store's own queue, named after it
     trials = queue(workdir, "journal12").trials()
     assert len(trials) == 12 and all(t.state == TrialState.COMPLETE for t in trials)
     assert len({t.user_attrs["worker"] for t in trials}) >= 2  # cells ran side by side
@@ -201,7 +203,8 @@ def test_three_workers_journal_exactly_once(workdir):
         run = by_run[t.user_attrs["mlflow_run_id"]]
         assert run.data.tags["cell_id"] == t.user_attrs["cell_id"] and run.data.tags["optuna_trial"] == str(t.number)
         assert t.value == pytest.approx(run.data.metrics["final_top1_err"])
-        assert t.params == {"variant": t.user_attrs["variant"], "seed": t.user_attrs["seed"]}
+        view = S.view_name("journal12", cells_of(workdir, "journal12"))  # params are named after the grid's view
+        assert t.params == {f"{view}.variant": t.user_attrs["variant"], f"{view}.seed": t.user_attrs["seed"]}
 
     again = start(workdir, *args_for(workdir, "--grid", "journal12", "--workers", "3"))
     out = wait_for_exit(again)  # done already: no worker starts, nothing runs twice
@@ -391,7 +394,8 @@ def test_worker_slots_pin_one_gpu_each():
 
 
 def test_default_storage_sits_beside_the_mlflow_store(tmp_path):
-    assert S.default_storage(f"sqlite:///{tmp_path}/x/mlflow.db") == str(tmp_path / "x" / S.JOURNAL_NAME)
+    assert S.default_storage(f"sqlite:///{tmp_path}/x/mlflow.db") == str(tmp_path / "x" / "mlflow.db.queue.journal")
+    assert S.default_storage(f"sqlite:///{tmp_path}/x/other.db") == str(tmp_path / "x" / "other.db.queue.journal")
     assert S.is_rdb("postgresql://u@h/db") and not S.is_rdb("/shared/optuna-journal.log")
 
 

@@ -1,4 +1,9 @@
-"""A grid's expansion into runnable cells (variant x seed): their variant names and content-hashed ids."""
+"""A grid's expansion into runnable cells (variant x seed): their variant names and content-hashed ids.
+
+A cell id hashes the config as trained (`model.num_classes` filled in from the dataset), so the
+config `--dry-run --json` prints names the same cell when written back, and two grids that reach
+the same config share the cell. Cells named by the rule before that (`legacy_id`) stay theirs.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
+from ablations.config.classes import as_trained
 from ablations.config.layers import Layer, defaults_layer, known_key, nest, resolve, section_layer
 from ablations.config.overrides import check_seeds, check_sets_read, check_sets_used, set_layer
 from ablations.config.schema import ConfigError, ExperimentConfig, ExperimentsFile, GridConfig
@@ -15,13 +21,49 @@ from senet.config import short_repr
 
 # Not part of what was run: where the data lives, and how often a cell saves its progress.
 NOT_IN_ID = {"dataset": {"root", "download"}, "train": {"checkpoint_every"}}
+# Options that enter the id only when they differ from the value listed here: adding one (at that
+# value as its default) renames no cell. A field missing from the schema is skipped.
+ID_IF_SET: dict[str, dict[str, Any]] = {"train": {"eval_flip": False, "compile": False}}
+# Fields the legacy rule never saw (added since); a cell that sets one has no legacy id.
+NOT_IN_LEGACY = {"train": {"eval_flip": False}}
+
+
+def _digest(data: Mapping[str, Any]) -> str:
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _drop_at(data: dict[str, Any], listed: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Remove from `data` the listed fields at their listed value; whether every listed field present was."""
+    all_at = True
+    for section, fields in listed.items():
+        part = data.get(section)
+        if not isinstance(part, dict):
+            continue
+        for name, value in fields.items():
+            if name in part:
+                if part[name] == value:
+                    del part[name]
+                else:
+                    all_at = False
+    return all_at
 
 
 def config_id(cfg: ExperimentConfig) -> str:
-    """16 hex digits naming a config: same config, same id, on any machine (NOT_IN_ID left out)."""
+    """16 hex digits naming a config: same config, same id, on any machine (NOT_IN_ID left out,
+    ID_IF_SET fields left out at their listed value). Hash the config as trained (`as_trained`)."""
     data = cfg.model_dump(mode="json", exclude=NOT_IN_ID)
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    _drop_at(data, ID_IF_SET)
+    return _digest(data)
+
+
+def legacy_config_id(cfg: ExperimentConfig) -> str | None:
+    """The id the rule before this one gave `cfg` (as resolved, before the class count was filled
+    in; every field but NOT_IN_ID), or None when the cell sets an option that rule never saw."""
+    data = cfg.model_dump(mode="json", exclude=NOT_IN_ID)
+    if not _drop_at(data, NOT_IN_LEGACY):
+        return None
+    return _digest(data)
 
 
 @dataclass(frozen=True)
@@ -29,13 +71,20 @@ class Cell:
     grid: str
     variant: str  # e.g. 'r=16', 'squeeze=max, r=8', 'baseline'
     seed: int
-    config: ExperimentConfig
+    config: ExperimentConfig  # as trained: model.num_classes filled in from the dataset
     axes: dict[str, Any]  # this variant's axis values ({} for baseline)
     preset: str | None = None  # the --preset it was resolved with: reports keep preset runs apart
+    legacy_id: str | None = None  # its id under the rule before (runs, checkpoints of older stores)
 
     @property
     def cell_id(self) -> str:
         return config_id(self.config)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """Every id this cell's runs and checkpoints may carry: its own first, then its legacy one."""
+        own = self.cell_id
+        return (own,) if self.legacy_id in (None, own) else (own, self.legacy_id)
 
 
 # ----------------------------------------------------------------------------- variant names
@@ -108,9 +157,11 @@ def expand(exps: ExperimentsFile, name: str, extra: Sequence[Layer], seeds: Sequ
         variants.append((variant_name(axes), axes, cfg))
     check_sets_read(name, base, [cfg for _, _, cfg in variants])
 
+    # Named as trained: the class count its dataset implies enters the id (legacy: as resolved).
+    named = [(variant, axes, as_trained(cfg), cfg) for variant, axes, cfg in variants]
     names: set[str] = set()
     by_id: dict[str, str] = {}  # config id -> variant name
-    for variant, _, cfg in variants:
+    for variant, _, cfg, _ in named:
         if variant in names:
             raise ConfigError(f"grids.{name}.axes: two variants are named {variant!r}; spell their values apart")
         other = by_id.setdefault(config_id(cfg), variant)
@@ -120,9 +171,10 @@ def expand(exps: ExperimentsFile, name: str, extra: Sequence[Layer], seeds: Sequ
 
     # Seed-major: after the first pass over the variants there is a complete table to look at.
     return [
-        Cell(name, variant, seed, cfg.model_copy(update={"seed": seed}), dict(axes))
+        Cell(name, variant, seed, cfg.model_copy(update={"seed": seed}), dict(axes),
+             legacy_id=legacy_config_id(resolved.model_copy(update={"seed": seed})))
         for seed in seeds
-        for variant, axes, cfg in variants
+        for variant, axes, cfg, resolved in named
     ]
 
 

@@ -63,6 +63,10 @@ def cell_runs(frame: pd.DataFrame) -> pd.DataFrame:
     """
     keep = (column(frame, "status") == "FINISHED") & column(frame, "tags.cell_id").notna()
     f = frame.loc[keep.fillna(False).astype(bool)]
+    # A cell trained in another grid shows here as a linked run: count it once, and not beside its own run.
+    link = column(f, "tags.reused_from_run").notna()
+    cid = column(f, "tags.cell_id")
+    f = f.loc[~(link & (cid.isin(set(cid[~link])) | cid.where(link).duplicated()))]
     seed = pd.to_numeric(column(f, "tags.seed"), errors="coerce")
     tidy = pd.DataFrame({
         "run_id": column(f, "run_id"),

@@ -1,5 +1,6 @@
-"""The queue rule: each cell of a grid is a trial of one Optuna study; what a cell's trials say about
-it (`cell_status`), and the few operations on the study (enqueue what is missing, claim, finish).
+"""The queue rule: each cell of a store is a trial of one Optuna study, whichever grids list it; what a
+cell's trials (and the store) say about it (`cell_status`), and the few operations on the study
+(enqueue what is missing, claim, finish), each through the view of one grid.
 
     cells -> (enqueued once as WAITING trials) -> claimed (WAITING -> RUNNING, atomic) -> COMPLETE | FAIL
 
@@ -14,7 +15,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import optuna
 from optuna.distributions import CategoricalDistribution
@@ -22,7 +23,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from ablations.config import Cell
-from ablations.run.storage import file_lock, open_storage, pg_lock, study_name
+from ablations.run.storage import file_lock, open_storage, pg_lock, study_name, view_name
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ class CellStatus:
     attempts: int = 0  # real failures in the current series of attempts
 
 
-def cell_status(trials: Sequence[FrozenTrial], retries: int, reset_failed: bool = False) -> CellStatus:
+def cell_status(trials: Sequence[FrozenTrial], retries: int, reset_failed: bool = False,
+                in_store: bool | None = None, series: bool = False) -> CellStatus:
     """Where one cell stands, from its trials (oldest first); what to enqueue if anything.
 
     A trial FAILed by its own worker carries `failure_kind`: 'failed' (the cell failed: counts
@@ -41,14 +43,23 @@ def cell_status(trials: Sequence[FrozenTrial], retries: int, reset_failed: bool 
     (checkpointed or not started; the next claim resumes it): these do not count. A FAIL without it was failed by
     another worker after its heartbeat stopped (the worker died): it does not count either.
     PRUNED trials are duplicates set aside at claim time and are ignored.
+
+    `in_store`: whether the MLflow store holds a FINISHED run of the cell (None: not known, the
+    trials alone decide). A cell is done only when it does: then, outside a --force `series`, it
+    is done whatever its trials say (e.g. trained before this queue existed); a COMPLETE trial
+    without that run (the queue of another store, a deleted run) is enqueued again as attempt 0.
     """
     trials = [t for t in trials if t.state != TrialState.PRUNED]
-    if any(t.state == TrialState.COMPLETE for t in trials):
-        return CellStatus("done")
+    complete = any(t.state == TrialState.COMPLETE for t in trials)
+    if in_store or (complete and in_store is None):
+        if complete or not series:
+            return CellStatus("done")
     if any(t.state == TrialState.RUNNING for t in trials):
         return CellStatus("running")
     if any(t.state == TrialState.WAITING for t in trials):
         return CellStatus("waiting")
+    if complete:
+        return CellStatus("pending", enqueue=0, reason="its FINISHED run is not in this store")
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if not failed:
         return CellStatus("pending", enqueue=0)
@@ -73,12 +84,13 @@ def by_cell(trials: Sequence[FrozenTrial]) -> dict[str, list[FrozenTrial]]:
 
 
 def duplicate_of(trial: FrozenTrial, same_cell: Sequence[FrozenTrial]) -> FrozenTrial | None:
-    """An older live or finished trial of the same cell: then `trial` is a duplicate and must not run.
+    """An older live trial of the same cell: then `trial` is a duplicate and must not run.
 
     The oldest live trial of a cell is never anyone's duplicate, so a cell is never set aside twice.
+    (A COMPLETE one does not make it a duplicate: the trial may be a new attempt of a cell whose run
+    is missing from the store; a cell FINISHED in the store is found before it trains.)
     """
-    older = [t for t in same_cell if t.number < trial.number
-             and t.state in (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)]
+    older = [t for t in same_cell if t.number < trial.number and t.state in (TrialState.WAITING, TrialState.RUNNING)]
     return older[0] if older else None
 
 
@@ -91,7 +103,9 @@ def count(statuses: Mapping[str, CellStatus], *states: str) -> int:
 
 
 class GridQueue:
-    """The cells of one grid as trials of one Optuna study.
+    """One grid's view of the store's queue: the study holds the trials of every grid's cells, each
+    distinct cell id at most one live trial; this view enqueues, claims and counts the trials of its
+    own cells only, whichever grid enqueued them.
 
     Claiming reads the storage once per pass over the waiting trials, not once per cell: a claim
     walks a local list of the trials seen WAITING and moves the first one still WAITING to RUNNING
@@ -104,25 +118,28 @@ class GridQueue:
         self.grid, self.cells = grid, {c.cell_id: c for c in cells}
         self.url, self.heartbeat, self.grace, self.series = storage_url, heartbeat, grace, series
         self.storage, self.rdb = open_storage(storage_url, heartbeat, grace)
-        self.name = study_name(grid, cells, series)
+        self.name, self.view = study_name(series), view_name(grid, cells)
         self.study = optuna.create_study(storage=self.storage, study_name=self.name, direction="minimize",
                                          load_if_exists=True)
         self.study_id = self.storage.get_study_id_from_name(self.name)
-        if "cells" not in self.study.user_attrs:  # for the dashboard: what the study is
-            self.study.set_user_attr("grid", grid)
-            self.study.set_user_attr("description", description)
-            self.study.set_user_attr("cells", len(cells))
+        if f"grid:{grid}" not in self.study.user_attrs:  # for the dashboard: the grids whose cells it holds
+            self.study.set_user_attr(f"grid:{grid}", description)
+        # Which of its cells the MLflow store holds FINISHED (set by whoever opened the store); None: unknown.
+        self.in_store: Callable[[], set[str]] | None = None
         self._variants = CategoricalDistribution(sorted({c.variant for c in cells}))
         self._seeds = CategoricalDistribution(sorted({c.seed for c in cells}))
         self._waiting: deque[FrozenTrial] = deque()
         self.snapshot: list[FrozenTrial] = []  # every trial, as the last reconcile read them
         self._failed_for_good = 0
+        self._done: set[str] = set()  # cells done at the last reconcile (some with no trial: done in the store)
         self._counts: tuple[int, int] | None = None
         self._counts_at = 0.0
 
     # -- reading
     def trials(self, states: Sequence[TrialState] | None = None) -> list[FrozenTrial]:
-        return self.storage.get_all_trials(self.study_id, deepcopy=False, states=states)
+        """The trials of this grid's cells (enqueued by any grid)."""
+        return [t for t in self.storage.get_all_trials(self.study_id, deepcopy=False, states=states)
+                if t.user_attrs.get("cell_id") in self.cells]
 
     def retries(self, override: int | None = None) -> int:
         return override if override is not None else int(self.study.user_attrs.get("retries", 0))
@@ -133,7 +150,10 @@ class GridQueue:
     def statuses(self, retries: int, reset_failed: bool = False,
                  trials: Sequence[FrozenTrial] | None = None) -> dict[str, CellStatus]:
         grouped = by_cell(self.trials() if trials is None else trials)
-        return {cid: cell_status(grouped.get(cid, []), retries, reset_failed) for cid in self.cells}
+        stored = self.in_store() if self.in_store is not None else None
+        return {cid: cell_status(grouped.get(cid, []), retries, reset_failed,
+                                 None if stored is None else cid in stored, self.series is not None)
+                for cid in self.cells}
 
     def progress_counts(self, max_age: float = 5.0) -> tuple[int, int] | None:
         """(cells done or failed for good, trials running), read at most every `max_age` seconds;
@@ -141,7 +161,7 @@ class GridQueue:
         if self._counts is not None and time.monotonic() - self._counts_at < max_age:
             return None
         trials = self.trials((TrialState.COMPLETE, TrialState.RUNNING))
-        done = len({t.user_attrs.get("cell_id") for t in trials if t.state == TrialState.COMPLETE})
+        done = len({t.user_attrs.get("cell_id") for t in trials if t.state == TrialState.COMPLETE} | self._done)
         running = sum(t.state == TrialState.RUNNING for t in trials)
         self._counts, self._counts_at = (done + self._failed_for_good, running), time.monotonic()
         return self._counts
@@ -154,7 +174,7 @@ class GridQueue:
 
     @contextlib.contextmanager
     def _enqueue_lock(self) -> Iterator[None]:
-        """Serialize read-then-enqueue so two processes don't both enqueue a missing cell."""
+        """Serialize read-then-enqueue so two processes (of any grid) don't both enqueue a missing cell."""
         if self.rdb is None:
             with file_lock(Path(self.url).resolve().with_suffix(".enqueue.lock")):
                 yield
@@ -181,12 +201,13 @@ class GridQueue:
                                     "attempt": st.enqueue})
                     statuses[cid] = CellStatus("waiting")
         self._failed_for_good = count(statuses, "failed")
+        self._done = {cid for cid, st in statuses.items() if st.state == "done"}
         self._counts = None
         return statuses
 
     # -- claiming
     def claim(self) -> FrozenTrial | None:
-        """Move one WAITING trial to RUNNING, atomically: exactly one caller wins each trial.
+        """Move one WAITING trial of this grid's cells to RUNNING, atomically: exactly one caller wins each trial.
 
         Trials are taken oldest first from the local list; the storage is read again only when
         that list runs out."""
@@ -212,8 +233,10 @@ class GridQueue:
             self.storage.set_trial_user_attr(trial._trial_id, k, v)
 
     def set_params(self, trial: FrozenTrial, cell: Cell) -> None:
-        """variant and seed as trial params, so the dashboard can plot error against them."""
-        for name, dist, value in (("variant", self._variants, cell.variant), ("seed", self._seeds, cell.seed)):
+        """variant and seed as trial params, so the dashboard can plot error against them; named
+        after the view (a study's categorical param keeps one set of choices, and each view has its own)."""
+        for name, dist, value in ((f"{self.view}.variant", self._variants, cell.variant),
+                                  (f"{self.view}.seed", self._seeds, cell.seed)):
             self.storage.set_trial_param(trial._trial_id, name, dist.to_internal_repr(value), dist)
 
     def finish(self, trial: FrozenTrial, state: TrialState, value: float | None = None,

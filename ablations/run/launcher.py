@@ -95,16 +95,18 @@ def _stop(procs: Sequence[subprocess.Popen], timeout: float = 60.0) -> None:
 
 
 def _queue_grids(options: RunOptions, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]],
-                 tracking_uri: str, storage: str, series: str | None) -> tuple[list[GridQueue], dict[str, int]]:
+                 tracking_uri: str, storage: str, series: str | None) -> tuple[list[GridQueue], dict[str, int], tuple]:
     """Create each grid's MLflow experiment and queue before any worker starts; enqueue what is
-    missing, failed cells included (a new launch); return the queues and how many cells were done."""
-    _, runs = open_grids(options, exps, grids, tracking_uri, storage, series)
+    missing, failed cells included (a new launch); link the cells other grids trained; return the
+    queues, how many cells were done (not counting those just linked) and the grids' runs."""
+    client, runs = open_grids(options, exps, grids, tracking_uri, storage, series)
     queues, already = [], {}
     for r in runs:
         statuses = r.queue.reconcile(r.queue.retries(options.retries), reset_failed=True)
-        already[r.queue.grid] = count(statuses, "done")
+        linked = r.link_done(client, tracking_uri, statuses)
+        already[r.queue.grid] = count(statuses, "done") - len(linked)
         queues.append(r.queue)
-    return queues, already
+    return queues, already, (client, runs)
 
 
 def _spawn(options: RunOptions, slots: Sequence[str | None], tracking_uri: str, storage: str,
@@ -138,8 +140,9 @@ def launch(options: RunOptions, exps: ExperimentsFile, grids: Sequence[tuple[str
     storage = options.storage or default_storage(tracking_uri)
     load_data([c for _, cells in grids for c in cells])  # bad input ends here; workers then read the cache
     series = new_series() if options.force else None  # --force: every cell again, in a study of its own
-    queues, already = _queue_grids(options, exps, grids, tracking_uri, storage, series)
-    todo = sum(len(q.cells) for q in queues) - sum(already.values())
+    started_ms = int(time.time() * 1000)
+    queues, already, (client, grid_runs) = _queue_grids(options, exps, grids, tracking_uri, storage, series)
+    todo = sum(len(q.cells) - count(q.statuses(q.retries(options.retries)), "done") for q in queues)
     slots = worker_slots(options.workers, gpus, options.workers_per_gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))[:todo]
 
     procs: list[subprocess.Popen] = []
@@ -181,5 +184,8 @@ def launch(options: RunOptions, exps: ExperimentsFile, grids: Sequence[tuple[str
         stop_summary(client_for(tracking_uri), grids, options.checkpoints(tracking_uri), why, sys.stderr,
                      estimate=stop_code == EXIT_TIME_LIMIT)
         return stop_code
-    code = summary(queues, options.retries, tracking_uri, sys.stderr, already)
+    from ablations.run.reuse import reused_since
+
+    reused = {r.queue.grid: reused_since(client, r.experiment_id, r.queue.cells.values(), started_ms) for r in grid_runs}
+    code = summary(queues, options.retries, tracking_uri, sys.stderr, already, reused)
     return EXIT_BAD_INPUT if codes and all(c == EXIT_BAD_INPUT for c in codes) else code

@@ -72,18 +72,21 @@ def failed_line(grid: str, cell: Cell, st: CellStatus) -> str:
 
 
 def summary(queues: Sequence[GridQueue], retries: int | None, tracking_uri: str, stream: TextIO,
-            already: Mapping[str, int] | None = None) -> int:
+            already: Mapping[str, int] | None = None, reused: Mapping[str, int] | None = None) -> int:
     """Print each grid's tally and every failed cell; return the exit code.
 
-    `already`: cells that were done before this launch (they count as skipped, not finished)."""
+    `already`: cells that were done before this launch (they count as skipped, not finished);
+    `reused`: cells trained in another grid's experiment and linked into this one during it."""
     failed_lines, unsettled = [], 0
     for q in queues:
         st = q.statuses(q.retries(retries))
-        done, skipped = count(st, "done"), (already or {}).get(q.grid, 0)
+        done, skipped, used = count(st, "done"), (already or {}).get(q.grid, 0), (reused or {}).get(q.grid, 0)
         failed = [(q.cells[cid], s) for cid, s in st.items() if s.state == "failed"]
         left = len(st) - done - len(failed)
         unsettled += left
-        print(f"grid {q.grid}: {done - skipped} finished, {skipped} skipped (already done), {len(failed)} failed, "
+        used_txt = f"{used} reused from other grids, " if used else ""
+        print(f"grid {q.grid}: {done - skipped - used} finished, {used_txt}{skipped} skipped (already done), "
+              f"{len(failed)} failed, "
               f"{left} not done, of {len(st)} cells; tracking {tracking_uri}; queue {q.url} (study {q.name})",
               file=stream)
         failed_lines += [failed_line(q.grid, cell, s) for cell, s in failed]

@@ -82,7 +82,7 @@ def _training_step(config, device: torch.device) -> str:
         "model": config.model.model_copy(update={"num_classes": classes}),
         "train": config.train.model_copy(update={"epochs": 1, "warmup_epochs": 0.0}),
     })
-    from ablations.run.runner import expected_image_size
+    from ablations.config import expected_image_size
 
     image_size = expected_image_size(config.dataset)
     bs = config.train.batch_size

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from ablations.train import checkpoint as ckpt
 from ablations.train.checkpoint import STOP, Checkpoints, TrainingStopped
-from ablations.config import Cell, ConfigError, DatasetConfig, ExperimentConfig
+from ablations.config import Cell, ConfigError, DatasetConfig, ExperimentConfig, with_num_classes
 from ablations.data import Dataset, DataError, load_dataset
 from ablations.run.progress import GridProgress
 from ablations.tracking import CellRun
@@ -23,10 +23,6 @@ from ablations.train import CellFailed, EpochStats, seed_everything, train
 from ablations.util.procs import pid_alive
 from ablations.util.timefmt import fmt_duration
 from senet import build_model, complexity, se_blocks
-
-_KNOWN_CLASSES = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
-_IMAGE_TREE_CLASSES = {"imagenette": 10, "imagewoof": 10, "imagenet": 1000}  # 224 px unless image_size
-
 
 class CellAborted(Exception):
     """Stops a cell from outside (e.g. a worker lost its claim on it); its run is marked KILLED."""
@@ -42,33 +38,6 @@ class CellResult:
     final: dict[str, float] = field(default_factory=dict)
     exit_code: int = 0  # STOPPED: EXIT_PREEMPTED or EXIT_TIME_LIMIT
     kind: str = ""  # STOPPED: 'preempted' or 'time_limit'
-
-
-def with_num_classes(config: ExperimentConfig, num_classes: int) -> ExperimentConfig:
-    return config.model_copy(update={"model": config.model.model_copy(update={"num_classes": num_classes})})
-
-
-def expected_num_classes(ds: DatasetConfig, fallback: int) -> int:
-    """The class count of a dataset without loading it (for --dry-run)."""
-    if isinstance(ds.classes, str):  # a class list file (ImageNet-100)
-        from ablations.data import DataError, read_class_list
-
-        try:
-            return len(read_class_list(ds.classes, ds.root, ds.name))
-        except DataError:
-            return fallback
-    if ds.classes:
-        return len(ds.classes)
-    if ds.name in _KNOWN_CLASSES:
-        return _KNOWN_CLASSES[ds.name]
-    train_dir = Path(ds.root) / "train"
-    if train_dir.is_dir():
-        return sum(p.is_dir() for p in train_dir.iterdir())
-    return _IMAGE_TREE_CLASSES.get(ds.name, fallback)
-
-
-def expected_image_size(ds: DatasetConfig) -> int:
-    return ds.image_size or (32 if ds.name in _KNOWN_CLASSES or "cifar" in ds.root.lower() else 224)
 
 
 def dataset_key(ds: DatasetConfig) -> str:
@@ -185,11 +154,14 @@ def run_cell(cell: Cell, config: ExperimentConfig, data: Dataset, run: CellRun, 
 def resumable(client: MlflowClient, cell: Cell, checkpoints: Checkpoints) -> dict | None:
     """The checkpoint of `cell` to continue from, if its run stopped without finishing or failing:
     KILLED (Ctrl-C, preempted, out of time, a dead worker), or RUNNING with its process gone from
-    this host. A checkpoint of a FINISHED or FAILED run is stale: it is deleted (unless kept)."""
+    this host. A checkpoint of a FINISHED or FAILED run is stale: it is deleted (unless kept).
+    A cell has one checkpoint per store (under its id, or its legacy id in an older store), whichever
+    grid's worker took it: its run is resumed where it was started, in that grid's experiment."""
 
-    path = checkpoints.path(cell.cell_id)
-    if not path.is_file():
+    cid = next((cid for cid in cell.ids if checkpoints.path(cid).is_file()), None)
+    if cid is None:
         return None
+    path = checkpoints.path(cid)
     try:
         state = ckpt.load(path)
         run = client.get_run(state["run_id"])
@@ -197,11 +169,11 @@ def resumable(client: MlflowClient, cell: Cell, checkpoints: Checkpoints) -> dic
         print(f"warning: checkpoint {path} not used ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
         return None
     status, tags = run.info.status, run.data.tags
-    if state.get("cell_id") != cell.cell_id or run.info.lifecycle_stage == "deleted":
+    if state.get("cell_id") != cid or run.info.lifecycle_stage == "deleted":
         return None
     if status in ("FINISHED", "FAILED"):
         if not checkpoints.keep:
-            checkpoints.discard(cell.cell_id)
+            checkpoints.discard(cid)
         return None
     if status == "RUNNING" and not (tags.get("host") == socket.gethostname() and tags.get("pid", "").isdigit()
                                     and not pid_alive(int(tags["pid"]))):
@@ -269,11 +241,13 @@ def execute_cell(cell: Cell, data: Dataset, client: MlflowClient, experiment_id:
     else:
         run.end("FINISHED")
         if checkpoints is not None and not checkpoints.keep:  # its weights are logged: the checkpoint is done with
-            checkpoints.discard(cell.cell_id)
+            for cid in cell.ids:
+                checkpoints.discard(cid)
         progress.end_cell(cell, "FINISHED", f"test err top-1 {final['final_top1_err']:.2f}%")
         return CellResult("FINISHED", run.run_id, final=final)
     run.end("FAILED", reason)
     if checkpoints is not None and not checkpoints.keep:  # a FAILED cell starts afresh, never from here
-        checkpoints.discard(cell.cell_id)
+        for cid in cell.ids:
+            checkpoints.discard(cid)
     progress.end_cell(cell, "FAILED", reason)
     return CellResult("FAILED", run.run_id, reason)

@@ -1,8 +1,10 @@
 """Where the queue lives: opening the Optuna storage, the locks that serialize the few steps that
-must not race, and the study that holds one grid.
+must not race, and the study that holds a store's cells.
 
-The storage is a journal file (the default, beside the MLflow store: no server) or a database
-(PostgreSQL for many machines). docs/distributed.md explains the design.
+The storage is a journal file (the default: named after the MLflow store, beside it, so each store
+has its own queue; no server) or a database (PostgreSQL for many machines). One study holds the
+cells of every grid of a store (one per --force series); a grid is a view of it. docs/distributed.md
+explains the design.
 """
 
 from __future__ import annotations
@@ -29,12 +31,19 @@ if TYPE_CHECKING:
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-JOURNAL_NAME = "optuna-journal.log"
+JOURNAL_SUFFIX = ".queue.journal"  # mlflow.db -> mlflow.db.queue.journal
+STUDY = "cells"  # the study of a store's cells (a --force series gets its own)
 
 
 def default_storage(tracking_uri: str) -> str:
-    """The journal file beside the MLflow store (no server needed), or in the current folder."""
-    return str(beside_store(tracking_uri, JOURNAL_NAME))
+    """The store's own journal file, named after it and beside it (no server needed): two stores
+    in one folder never share a queue. A server store's journal is named after its URL, here."""
+    if tracking_uri.startswith("sqlite:///"):
+        return str(Path(tracking_uri.removeprefix("sqlite:///")).resolve()) + JOURNAL_SUFFIX
+    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        return str(Path(tracking_uri.removeprefix("file://").removeprefix("file:")).resolve()) + JOURNAL_SUFFIX
+    name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in tracking_uri.split("://", 1)[1])
+    return str(beside_store(tracking_uri, name.strip("_") + JOURNAL_SUFFIX))
 
 
 def is_rdb(url: str) -> bool:
@@ -50,7 +59,7 @@ def check_storage(url: str) -> None:
     path = Path(url).expanduser().absolute()
     parent = path.parent
     if path.is_dir():
-        raise ConfigError(f"--storage {url}: is a folder; give the journal file's path (e.g. {path / JOURNAL_NAME})")
+        raise ConfigError(f"--storage {url}: is a folder; give the journal file's path (e.g. {path / ('mlflow.db' + JOURNAL_SUFFIX)})")
     if not parent.is_dir():
         why = "is not a folder" if parent.exists() or any(p.is_file() for p in parent.parents) else "does not exist"
         raise ConfigError(f"--storage {url}: the folder {parent} {why}")
@@ -117,12 +126,17 @@ def store_init_lock(tracking_uri: str) -> Iterator[None]:
         yield
 
 
-def study_name(grid: str, cells: Sequence[Cell], series: str | None = None) -> str:
-    """One study per grid *as resolved*: the same flags on any machine give the same study, and a
-    worker never sees a cell it cannot build (a different --preset or --seeds is another study).
-    `series` names a fresh study of the same cells (--force runs every cell again in one)."""
+def study_name(series: str | None = None) -> str:
+    """The one study of a store's cells, whichever grid lists them; `series` names a fresh one of
+    the same cells (--force runs every cell again in one)."""
+    return STUDY + (f"-{series}" if series else "")
+
+
+def view_name(grid: str, cells: Sequence[Cell]) -> str:
+    """A grid *as resolved*: the same flags on any machine give the same name (a different --preset
+    or --seeds is another view). It namespaces the trial params a view sets."""
     digest = hashlib.sha256(",".join(sorted(c.cell_id for c in cells)).encode()).hexdigest()[:10]
-    return f"{grid}-{digest}" + (f"-{series}" if series else "")
+    return f"{grid}-{digest}"
 
 
 def new_series() -> str:

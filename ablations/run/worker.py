@@ -5,8 +5,8 @@
 There is one way to run a cell. A plain `run_ablation.py --grid X` is this loop in its own
 process (one worker); `--workers N` starts N processes that each run it (ablations/run/launcher.py);
 `run_ablation.py worker` joins a grid from any machine. All of them claim cells from the same
-Optuna study, so a cell runs once however many processes work on a grid and however they were
-started. docs/distributed.md explains the design.
+Optuna study (one per store, whatever grids list the cell), so a cell runs once per store however
+many processes and grids work on it and however they were started. docs/distributed.md explains the design.
 """
 
 from __future__ import annotations
@@ -110,6 +110,17 @@ class GridRun:
     progress: WorkerProgress | None = None
     reaped: set[int] = field(default_factory=set)  # taken-back trials whose MLflow runs were cleaned up
     announced: bool = False
+    present: set[str] = field(default_factory=set)  # done cells known to have a run in this experiment
+    linked_first: int = 0  # cells linked from other grids at this process's first reconcile
+
+    def link_done(self, client: object, tracking_uri: str, statuses: Statuses) -> list[Cell]:
+        """Link into this grid's experiment the done cells trained in another grid's (once per cell)."""
+        from ablations.run.reuse import link_missing
+
+        new = [cid for cid, st in statuses.items() if st.state == "done" and cid not in self.present]
+        linked = link_missing(client, tracking_uri, self.experiment_id, [self.queue.cells[c] for c in new], self.tags)
+        self.present.update(new)
+        return linked
 
 
 def open_grids(options: RunOptions, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]],
@@ -117,6 +128,7 @@ def open_grids(options: RunOptions, exps: ExperimentsFile, grids: Sequence[tuple
     """Each grid's MLflow experiment and queue (created once, under a lock: creating them races).
 
     The storage is checked before the MLflow store is touched, so bad input writes nothing."""
+    from ablations.run.reuse import attach_store
     from ablations.tracking import client_for, ensure_experiment, reap_dead_runs
 
     if is_rdb(storage):
@@ -132,6 +144,7 @@ def open_grids(options: RunOptions, exps: ExperimentsFile, grids: Sequence[tuple
         grid, exp_id = exps.grids[name], experiments[name]
         reap_dead_runs(client, exp_id)
         queue = GridQueue(name, cells, storage, options.heartbeat, options.grace, grid.description, series=series)
+        attach_store(queue, client)
         if options.retries is not None:
             queue.set_retries(options.retries)
         out.append(GridRun(queue, exp_id, {"paper_table": str(grid.paper_table)} if grid.paper_table else {}))
@@ -172,6 +185,7 @@ class Worker:
             g.progress = WorkerProgress(g.queue.grid, len(g.queue.cells), self.out, g.queue, live=live)
         self._by_queue = {id(g.queue): g for g in self.grids}
         self.checkpoints = options.checkpoints(self.tracking_uri)
+        self.started_ms = int(time.time() * 1000)  # links made since then are this launch's reuse
         self.stopped: tuple[int, str] | None = None  # (exit code, reason) once preempted or out of time
 
     def say(self, line: str) -> None:
@@ -179,23 +193,27 @@ class Worker:
 
     def _after_sync(self, q: GridQueue, statuses: Statuses) -> None:
         """Say where the grid stands when this process starts on it; clean up dead workers' runs."""
-        from ablations.tracking import kill_running
+        from ablations.tracking import kill_running, store_experiment_ids
 
         if (why := STOP.check()) is not None:  # e.g. a signal while waiting for others' cells
             self.stopped = (exit_code_for(why[0]), why[1])
             raise _Stopped
         g = self._by_queue[id(q)]
+        linked = g.link_done(self.client, self.tracking_uri, statuses)
+        for cell in linked:
+            self.say(f"[{q.grid}] {cell.variant} seed={cell.seed}: reused from another grid (cell_id {cell.cell_id})")
         if not g.announced:
-            g.announced = True
+            g.announced, g.linked_first = True, len(linked)
             done, failed = count(statuses, "done"), count(statuses, "failed")
             failed_txt = f", {failed} failed for good" if failed else ""
-            self.say(f"[{q.grid}] {len(statuses)} cells: {done} already done{failed_txt}, "
+            reused_txt = f" ({len(linked)} reused from other grids)" if linked else ""
+            self.say(f"[{q.grid}] {len(statuses)} cells: {done} already done{reused_txt}{failed_txt}, "
                      f"{len(statuses) - done - failed} to run; queue {q.url} (study {q.name})")
         # A trial taken back from a dead worker: its MLflow run must not stay RUNNING.
         for t in q.snapshot:
             if t.state == TrialState.FAIL and "failure_kind" not in t.user_attrs and t.number not in g.reaped:
                 g.reaped.add(t.number)
-                kill_running(self.client, g.experiment_id, {"optuna_study": q.name, "optuna_trial": str(t.number)},
+                kill_running(self.client, store_experiment_ids(self.client), {"optuna_study": q.name, "optuna_trial": str(t.number)},
                              "worker died (heartbeat lost); the cell was queued again")
 
     def run(self) -> int:
@@ -226,15 +244,31 @@ class Worker:
                 stop_summary(self.client, [(g.queue.grid, list(g.queue.cells.values())) for g in self.grids],
                              self.checkpoints, reason, self.out, estimate=code == EXIT_TIME_LIMIT)
             return code
-        already = {grid: count(st, "done") for grid, st in first.items()}
+        from ablations.run.reuse import reused_since
+
+        linked_first = {g.queue.grid: g.linked_first for g in self.grids}
+        already = {grid: count(st, "done") - linked_first.get(grid, 0) for grid, st in first.items()}
+        reused = {g.queue.grid: reused_since(self.client, g.experiment_id, g.queue.cells.values(), self.started_ms)
+                  for g in self.grids}
         return summary([g.queue for g in self.grids], self.retries_flag, self.tracking_uri,
-                       io.StringIO() if self.launched else self.out, already)
+                       io.StringIO() if self.launched else self.out, already, reused)
+
+    def link_everywhere(self, cell_id: str) -> None:
+        """Right after a cell FINISHED: every grid of this process that lists it shows it in its own
+        experiment (the run itself lives in one; the others get a linked run)."""
+        from ablations.run.reuse import link_missing
+
+        for g in self.grids:
+            if cell_id in g.queue.cells:
+                link_missing(self.client, self.tracking_uri, g.experiment_id, [g.queue.cells[cell_id]], g.tags)
+                g.present.add(cell_id)
 
     def run_trial(self, q: GridQueue, trial: FrozenTrial) -> bool:
-        """Run one claimed trial's cell, unless it is a duplicate or already FINISHED in MLflow.
-        Returns True when the queue should be reconciled now (the cell failed: a retry may be due)."""
+        """Run one claimed trial's cell, unless it is a duplicate or already FINISHED in the store
+        (in any grid's experiment: then linked into this grid's). Returns True when the queue should
+        be reconciled now (the cell failed: a retry may be due)."""
         from ablations.run.runner import dataset_key, execute_cell
-        from ablations.tracking import finished_run_of
+        from ablations.tracking import runs_of_cell, store_finished_runs
 
         g, cell = self._by_queue[id(q)], q.cells[trial.user_attrs["cell_id"]]
         progress = g.progress
@@ -247,11 +281,14 @@ class Worker:
                 q.finish(trial, TrialState.PRUNED, attrs={"duplicate_of": dup.number})
                 return False
             q.set_params(trial, cell)
-            done_run = None if self.series else finished_run_of(self.client, g.experiment_id, cell.cell_id)
-            if done_run is not None:  # e.g. by an older version, or by a worker that lost its claim at the very end
-                value = done_run.data.metrics.get("final_top1_err", float("nan"))
-                progress.skip(cell, "already FINISHED in MLflow")
-                q.finish(trial, TrialState.COMPLETE, value, {"mlflow_run_id": done_run.info.run_id, "reused": True})
+            done = [] if self.series else runs_of_cell(store_finished_runs(self.client, cell.ids), cell)
+            if done:  # e.g. by an older version, another grid, or a worker that lost its claim at the very end
+                value = done[0].data.metrics.get("final_top1_err", float("nan"))
+                mine = any(r.info.experiment_id == g.experiment_id for r in done)
+                progress.skip(cell, "already FINISHED in MLflow" if mine else
+                              f"reused from grid {done[0].data.tags.get('grid', '?')}")
+                self.link_everywhere(cell.cell_id)
+                q.finish(trial, TrialState.COMPLETE, value, {"mlflow_run_id": done[0].info.run_id, "reused": True})
                 return False
             tags = {**g.tags, "optuna_study": q.name, "optuna_trial": str(trial.number), "worker": self.id}
             result = execute_cell(cell, self.datasets[dataset_key(cell.config.dataset)], self.client, g.experiment_id,
@@ -263,6 +300,7 @@ class Worker:
         finally:
             hb.stop()
         if result.status == "FINISHED":
+            self.link_everywhere(cell.cell_id)  # before the trial ends: the queue says done once every grid shows it
             if not q.finish(trial, TrialState.COMPLETE, result.final["final_top1_err"]):
                 self.say(f"[{q.grid}] trial {trial.number} was taken back while it finished; "
                          "its FINISHED run will be found by the next claim")

@@ -118,7 +118,8 @@ def default_checkpoint_dir(tracking_uri: str) -> Path:
 
 @dataclass(frozen=True)
 class Checkpoints:
-    """Where a grid's checkpoints go, and whether they outlive the runs that FINISHED."""
+    """Where a store's checkpoints go (one per cell, whichever grids list it), and whether they
+    outlive the runs that FINISHED."""
 
     root: Path
     keep: bool = False
