@@ -95,7 +95,8 @@ def analyze_run(tracking_uri: str, run_id: str, *, results_dir: str | Path = "re
     """
     client = MlflowClient(tracking_uri=tracking_uri)
     run = get_run(client, run_id)
-    config, state = load_run(client, run_id)
+    # A cell trained in another grid is linked into this one without weights: read them from the run that has them.
+    config, state = load_run(client, run.data.tags.get("reused_from_run") or run_id)
     if config.model.se is None:
         raise BadInput(f"run {run_id} is the plain backbone: it has no SE blocks to analyse")
     device = resolve_device(device)

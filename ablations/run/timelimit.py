@@ -134,7 +134,7 @@ def stop_summary(client: MlflowClient, grids: Sequence[tuple[str, Sequence[Cell]
         done = finished_cell_ids(client, exp.experiment_id) if exp is not None else set()
         partly, waiting = [], 0
         for cell in cells:
-            if cell.cell_id in done:
+            if any(i in done for i in cell.ids):
                 continue
             meta = checkpoints.meta(cell.cell_id)
             if meta:
@@ -147,7 +147,7 @@ def stop_summary(client: MlflowClient, grids: Sequence[tuple[str, Sequence[Cell]
                 unknown += 1
             else:
                 left += per_epoch * epochs_left(cell.config, meta)
-        finished = sum(c.cell_id in done for c in cells)
+        finished = sum(any(i in done for i in c.ids) for c in cells)
         lines.append(f"  grid {name}: {finished} of {len(cells)} cells done; partly done: {', '.join(partly) or 'none'}; "
                      f"{waiting} not started")
     guess = fmt_duration(left) if not unknown else (
