@@ -60,7 +60,7 @@ def test_quick_run_writes_json_with_both_paths(mini_cifar_root, cache, tmp_path,
     out = tmp_path / "speed.json"
     rc = ts.main(["--quick", "--device", "cpu", "--data-root", str(mini_cifar_root), "--models", "se_resnet20",
                   "--batch-size", "8", "--warmup-steps", "1", "--steps", "2", "--plain-workers", "1",
-                  "--json-out", str(out)])
+                  "--plain-dataset", "imagefolder", "--json-out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "ImageFolder" in text and "extracted once" in text  # says which copy the plain path used
@@ -197,3 +197,13 @@ def test_data_scaling_measurements_are_well_formed(tmp_path):
         if what == "harness-decode":
             assert 32 * 32 * 3 <= row["cache_bytes_per_image"] < 32 * 32 * 3 + 16  # uint8 pixels + .npy headers
     assert "| synthetic | 20 |" in scaling.table({"rows": [{**row, "data": "synthetic", "n_train": 20}]})
+
+
+def test_the_offline_plain_dataset_serves_items_as_torchvision_cifar10_does(mini_cifar_root, cache):
+    """The default offline plain path: the decoded copy in memory, one PIL image per item through the
+    transforms, `targets` a list of ints (what torchvision.datasets.CIFAR10 gives a user)."""
+    ds, source = benchlib.plain_train_set(mini_cifar_root, cifar_style=True)
+    assert "CIFAR10-style" in source and len(ds) == len(ds.targets) > 0
+    x, y = ds[0]
+    assert tuple(x.shape) == (3, 32, 32) and x.dtype == torch.float32 and isinstance(y, int)
+    assert all(isinstance(t, int) for t in ds.targets[:10])
