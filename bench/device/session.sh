@@ -145,12 +145,12 @@ run_step() {
   SUMMARY+=("$(printf '%-22s %6ss %5s  %s' "$label" "$wall" "$rc" "$verdict")")
 }
 
-pack_store() {  # the MLflow db, results/ and any Optuna journal as one tarball; weights stay on the host
+pack_store() {  # the MLflow db, results/ and the store's queue journal as one tarball; weights stay on the host
   [ -d "$STORE" ] || return 0
   local items=()
   [ -f "$STORE/mlflow.db" ] && items+=(mlflow.db)
   [ -d "$STORE/results" ] && items+=(results)
-  ls "$STORE"/optuna-journal.log* >/dev/null 2>&1 && items+=($(cd "$STORE" && ls optuna-journal.log*))
+  ls "$STORE"/mlflow.db.queue.journal* >/dev/null 2>&1 && items+=($(cd "$STORE" && ls mlflow.db.queue.journal*))
   [ ${#items[@]} -gt 0 ] || return 0
   tar -czf "$OUT_DIR/store.tar.gz" -C "$STORE" "${items[@]}"
   echo "$(stamp) packed $OUT_DIR/store.tar.gz: ${items[*]} ($(du -h "$OUT_DIR/store.tar.gz" | cut -f1);" \
