@@ -120,6 +120,31 @@ def wait_for(what: str, ready, proc: subprocess.Popen):
     raise AssertionError(f"timeout: waited {WAIT}s for {what}")
 
 
+def pending_signals(pid: int) -> set[int]:
+    """The signals sent to process `pid` and not yet delivered (Linux /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(re.search(r"^ShdPnd:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
+def freeze_each_worker_at_its_first_checkpoint(d: Path, launcher: subprocess.Popen, workers: int) -> list[int]:
+    """SIGSTOP each worker as soon as its cell has a checkpoint and return their pids: every worker is then
+    mid-cell (three epochs left) however fast this machine is, which a signal sent on a timer cannot promise."""
+    client = MlflowClient(tracking_uri=uri(d))
+    frozen: list[int] = []
+
+    def freeze_new() -> bool:
+        for f in (d / "checkpoints").glob("*/last.json"):  # written atomically: complete when there
+            pid = int(client.get_run(json.loads(f.read_text())["run_id"]).data.tags["pid"])
+            if pid not in frozen:
+                os.kill(pid, signal.SIGSTOP)
+                frozen.append(pid)
+        return len(frozen) == workers
+
+    wait_for(f"a checkpoint of each of {workers} workers' cells", freeze_new, launcher)
+    return frozen
+
+
 def assert_same_as_reference(d: Path, reference: dict) -> object:
     """One FINISHED run, 4 metric steps each logged once, identical metrics and weights; the checkpoint gone."""
     (only,) = cell_runs(d, "one")
@@ -227,9 +252,11 @@ def test_sigterm_mid_epoch_checkpoints_and_exits_75(tmp_path, reference):
     """SIGTERM during epoch 2: a mid-epoch checkpoint and exit 75 at the next step; resume is bit-exact."""
     d = write_store(tmp_path / "term")
     proc = start(d, "one")
-    wait_for("the epoch-1 checkpoint", lambda: checkpoint_meta(d), proc)  # its stop poll is done: epoch 2 is next
+    # frozen the moment the epoch-1 checkpoint is seen, so a fast machine cannot finish epoch 2 before the signal
+    wait_for("the epoch-1 checkpoint", lambda: checkpoint_meta(d) and os.kill(proc.pid, signal.SIGSTOP) is None, proc)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
     out, _ = proc.communicate(timeout=WAIT)
     exited = time.monotonic() - sent
     assert proc.returncode == EXIT_PREEMPTED, out
@@ -340,9 +367,14 @@ def test_launcher_passes_sigusr1_to_its_workers_as_a_preemption(tmp_path):
     from ablations.run.storage import default_storage
 
     d = write_store(tmp_path / "pair")
-    launcher = start(d, "pair", "--workers", "2", "--heartbeat", "1", "--grace", "30")
-    wait_for("a checkpoint of each cell", lambda: len(list((d / "checkpoints").glob("*/last.json"))) == 2, launcher)
+    # grace far above any freeze below: a frozen worker must not look dead to the other one
+    launcher = start(d, "pair", "--workers", "2", "--heartbeat", "1", "--grace", "900")
+    workers = freeze_each_worker_at_its_first_checkpoint(d, launcher, 2)
     launcher.send_signal(signal.SIGUSR1)
+    for pid in workers:  # the launcher has passed the signal on: it waits in each frozen worker
+        wait_for(f"SIGTERM pending in worker {pid}", lambda: signal.SIGTERM in pending_signals(pid), launcher)
+    for pid in workers:
+        os.kill(pid, signal.SIGCONT)
     out, _ = launcher.communicate(timeout=WAIT)
     assert launcher.returncode == EXIT_PREEMPTED, out
     assert "preempted (SIGUSR1): passing it on to the workers" in out
