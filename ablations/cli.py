@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--analyze", action="store_true",
                    help="role of SE: excitation statistics per class and depth for the finished SE runs of --grid")
     p.add_argument("--run-id", metavar="ID", help="with --analyze: only this MLflow run")
+    p.add_argument("--export-record", metavar="PATH",
+                   help="write the FINISHED cell runs of --grid (all grids if none) of --tracking-uri, without "
+                        "artifacts, to a new SQLite file: the study's record to commit; trains nothing")
+    p.add_argument("--restore-record", metavar="PATH",
+                   help="copy a record's runs into --tracking-uri (new or not; runs already there are skipped): "
+                        "reports regenerate from it and the study resumes without retraining them; trains nothing")
     p.add_argument("--results-dir", metavar="PATH",
                    help="where reports go (default: results, or results/presets/NAME with --preset NAME)")
     add_parallel_options(p)
@@ -200,6 +206,22 @@ def _report_quietly(tracking_uri: str, grid: str, exps: ExperimentsFile, results
         print(f"warning: report for {grid} not written ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
+def _record(args: argparse.Namespace) -> int:
+    from ablations.record import export_record, restore_record
+    from ablations.tracking import check_tracking_uri, default_tracking_uri
+
+    if args.export_record and args.restore_record:
+        raise ConfigError("--export-record and --restore-record: give one of them")
+    store = args.tracking_uri or default_tracking_uri()
+    check_tracking_uri(store)
+    grids = list(dict.fromkeys(args.grid)) or None
+    if args.export_record:
+        print(export_record(store, Path(args.export_record), grids).describe(f"record {args.export_record}"))
+    else:
+        print(restore_record(Path(args.restore_record), store, grids).describe(f"store {store}"))
+    return EXIT_OK
+
+
 def _check_device(spec: str) -> None:
     """A --device this machine does not have is bad input (resolve_device says why in a ValueError)."""
     from ablations.util.device import resolve_device
@@ -215,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker = argv[:1] == ["worker"]  # `run_ablation.py worker ...`: pull cells from the grids' queues
     args = build_parser().parse_args(argv[1:] if worker else argv)
     try:
+        if args.export_record or args.restore_record:
+            return _record(args)
         exps, options, grids = _cells(args)
         if args.results_dir is None:  # a smoke check must never overwrite the real results; a study's are real
             check = args.preset and not (args.preset in exps.presets and exps.presets[args.preset].study)

@@ -209,6 +209,20 @@ def git_commit() -> str:
         return "unknown"
 
 
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name as the OS reports it (Linux /proc/cpuinfo; else `platform`), for provenance."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -350,6 +364,7 @@ class CellRun:
             "cuda_version": str(torch.version.cuda),
             "device": str(device),
             "device_name": device_name(device),
+            "cpu_model": cpu_model(),
             "host": socket.gethostname(),
             "pid": str(os.getpid()),
             **({"preset": cell.preset} if cell.preset else {}),

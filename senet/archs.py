@@ -53,6 +53,11 @@ ARCHS: dict[str, Arch] = {
     "resnet10_cifar_w32": Arch("basic", (1, 1, 1, 1), (32, 64, 128, 256), stem="cifar", stem_width=32),
     "resnet14_cifar_w32": Arch("bottleneck", (1, 1, 1, 1), (64, 128, 256, 512), (32, 64, 128, 256), "cifar", 32,
                                stride_in="3x3"),
+    # Half as wide (a quarter of the MACs): on a CPU the bottleneck's wide unit outputs cost memory
+    # traffic, not MACs, and only this width trains 8 epochs of CIFAR-10 inside 10 minutes on 2 cores
+    # (bench/RESULTS.md). The cpu preset's se_3x3 grid trains it.
+    "resnet14_cifar_w16": Arch("bottleneck", (1, 1, 1, 1), (32, 64, 128, 256), (16, 32, 64, 128), "cifar", 32,
+                               stride_in="3x3"),
     # The original ResNets (stride in the first 1x1 conv), as in the Caffe models SENet measured.
     "resnet50": Arch("bottleneck", (3, 4, 6, 3), _IMAGENET_OUT, _IMAGENET_MID),
     "resnet101": Arch("bottleneck", (3, 4, 23, 3), _IMAGENET_OUT, _IMAGENET_MID),

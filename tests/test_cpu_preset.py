@@ -27,9 +27,12 @@ def test_dry_run_lists_three_seeds_per_variant_on_the_cpu_backbones(grid, capsys
     variants = {r["variant"] for r in rows}
     assert len(rows) == 3 * len(variants)
     assert all(sorted(r["seed"] for r in rows if r["variant"] == v) == [0, 1, 2] for v in variants)
-    arch = "resnet14_cifar_w32" if grid == "se_3x3" else "resnet10_cifar_w32"  # the 3x3 position needs bottlenecks
+    arch = "resnet14_cifar_w16" if grid == "se_3x3" else "resnet10_cifar_w32"  # the 3x3 position needs bottlenecks
     assert {r["config"]["model"]["arch"] for r in rows} == {arch}
-    assert all(r["params"] > 1e6 and 0.05 < r["gflops"] < 0.08 for r in rows)
+    if grid == "se_3x3":  # the narrow bottleneck twin (bench/RESULTS.md: the wide one overran the budget)
+        assert all(0.3e6 < r["params"] < 0.34e6 and 0.015 < r["gflops"] < 0.02 for r in rows)
+    else:
+        assert all(r["params"] > 1e6 and 0.05 < r["gflops"] < 0.08 for r in rows)
 
 
 def test_the_preset_keeps_the_paper_axes_unclamped():
@@ -40,7 +43,7 @@ def test_the_preset_keeps_the_paper_axes_unclamped():
     stages = {c.variant for c in resolve_cells(exps, "stage", preset="cpu")}
     assert {"stages=2", "stages=3", "stages=4", "stages=5", "stages=all", "baseline"} == stages
     s3 = {c.variant: c.config.model for c in resolve_cells(exps, "se_3x3", preset="cpu")}
-    assert s3["position=3x3"].se.position == "3x3" and s3["position=3x3"].arch == "resnet14_cifar_w32"
+    assert s3["position=3x3"].se.position == "3x3" and s3["position=3x3"].arch == "resnet14_cifar_w16"
 
 
 def _write(path: Path, raw: dict) -> Path:

@@ -39,7 +39,8 @@ class GridReport:
                                          "best_top5": "best_top5_err", "n_params": "params"})
         if self.layout is not None and not runs.empty:
             rank = {v: i for i, v in enumerate(self.layout.variants)}
-            runs = runs.assign(_rank=runs["variant"].map(rank)).sort_values(["_rank", "seed", "run_id"])
+            runs = runs.assign(_rank=runs["variant"].map(rank)).sort_values(["_rank", "seed", "study_run_id"])
+        runs = runs.assign(run_id=runs["study_run_id"])  # stable across a record's export and restore
         return runs.reindex(columns=list(CSV_COLUMNS)).to_csv(index=False, lineterminator="\n")
 
     def figures(self, history: pd.DataFrame | None = None) -> dict[str, Any]:

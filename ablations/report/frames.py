@@ -70,6 +70,8 @@ def cell_runs(frame: pd.DataFrame) -> pd.DataFrame:
     seed = pd.to_numeric(column(f, "tags.seed"), errors="coerce")
     tidy = pd.DataFrame({
         "run_id": column(f, "run_id"),
+        # the run's id in the study that trained it: the same in a store restored from its record
+        "study_run_id": column(f, "tags.record_of_run").fillna(column(f, "run_id")),
         "grid": column(f, "tags.grid"),
         "variant": column(f, "tags.variant").fillna("?"),
         "seed": seed.fillna(-1).astype(int),
@@ -92,7 +94,7 @@ def cell_runs(frame: pd.DataFrame) -> pd.DataFrame:
     }, index=f.index)
     params = f[[c for c in f.columns if c.startswith("params.")]]
     out = pd.concat([tidy, params], axis=1)
-    return out.sort_values(["start_time", "run_id"], kind="stable").reset_index(drop=True)
+    return out.sort_values(["start_time", "study_run_id"], kind="stable").reset_index(drop=True)
 
 
 def metric_histories(client: MlflowClient, runs: pd.DataFrame, metric: str = "test_top1_err") -> pd.DataFrame:

@@ -1,0 +1,125 @@
+"""A study's record: its FINISHED cell runs, without artifacts, in a small SQLite store of their own.
+
+A record is what a study commits next to its tables (`--export-record`): per run its tags (seed,
+cell id, device, precision, compile mode, commit, ...), params and every metric with its steps and
+timestamps, start and end times. `--restore-record` copies it into a store, new or not, so that
+reports regenerate from it and the study resumes from it on a machine without the original store:
+a cell whose FINISHED run is there is never trained again. Weights stay out (a few MB per run).
+
+Runs are copied through MLflow's public client, so run ids change; a linked run (a cell trained in
+another grid) is pointed at the copy of its source. Copying is idempotent: a grid's cell that
+already has a FINISHED run in the target is skipped.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, Run
+
+from ablations.errors import StoreError
+from ablations.tracking import REUSED_FROM_RUN, client_for, ensure_experiment, is_link, runs_of
+
+RECORD_OF = "record_of_run"  # the id the run had in the store it was first recorded from
+
+
+@dataclass(frozen=True)
+class Copied:
+    runs: int  # copied now
+    skipped: int  # already there
+    grids: tuple[str, ...]
+
+    def describe(self, what: str) -> str:
+        grids = ", ".join(self.grids) or "none"
+        return f"{what}: {self.runs} finished cell runs copied, {self.skipped} already there; grids: {grids}"
+
+
+def _finished_cell_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
+    runs = runs_of(client, experiment_id, "attributes.status = 'FINISHED'")
+    return sorted((r for r in runs if "cell_id" in r.data.tags), key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+
+def _copy_run(src: MlflowClient, dst: MlflowClient, experiment_id: str, run: Run, tags: dict[str, str]) -> str:
+    """One run into `experiment_id` of `dst`: tags, params, metric histories, start and end time."""
+    created = dst.create_run(experiment_id, start_time=run.info.start_time, tags=tags, run_name=run.info.run_name)
+    run_id = created.info.run_id
+    params = [Param(k, v) for k, v in sorted(run.data.params.items())]
+    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        dst.log_batch(run_id, params=params[i:i + 100])
+    metrics = [Metric(m.key, m.value, m.timestamp, m.step)
+               for key in sorted(run.data.metrics) for m in src.get_metric_history(run.info.run_id, key)]
+    for i in range(0, len(metrics), 1000):
+        dst.log_batch(run_id, metrics=metrics[i:i + 1000])
+    dst.set_terminated(run_id, status="FINISHED", end_time=run.info.end_time)
+    return run_id
+
+
+def copy_finished(src_uri: str, dst_uri: str, grids: list[str] | None = None) -> Copied:
+    """Copy the FINISHED cell runs of `grids` (every experiment if None) from one store into another."""
+    src, dst = client_for(src_uri), client_for(dst_uri)
+    experiments = [e for e in src.search_experiments() if grids is None or e.name in grids]
+    if grids is not None:
+        missing = sorted(set(grids) - {e.name for e in experiments})
+        if missing:
+            raise StoreError(f"{src_uri}: no experiment for grid {', '.join(missing)}")
+    new_ids: dict[str, str] = {}  # source run id -> its copy (or the run already there)
+    pending: list[tuple[str, Run]] = []
+    copied = skipped = 0
+    for exp in experiments:
+        dst_exp = ensure_experiment(dst, dst_uri, exp.name, exp.tags.get("mlflow.note.content", ""))
+        have = {r.data.tags["cell_id"]: r for r in _finished_cell_runs(dst, dst_exp)}
+        for run in _finished_cell_runs(src, exp.experiment_id):
+            there = have.get(run.data.tags["cell_id"])
+            if there is not None:
+                new_ids[run.info.run_id] = there.info.run_id
+                skipped += 1
+            elif is_link(run):
+                pending.append((dst_exp, run))  # after its source has a copy
+            else:
+                tags = {**run.data.tags, RECORD_OF: run.data.tags.get(RECORD_OF, run.info.run_id)}
+                new_ids[run.info.run_id] = _copy_run(src, dst, dst_exp, run, tags)
+                copied += 1
+    for dst_exp, run in pending:
+        source = run.data.tags[REUSED_FROM_RUN]
+        if source not in new_ids:
+            raise StoreError(f"{src_uri}: run {run.info.run_id} links run {source}, which is not a FINISHED cell run")
+        tags = {**run.data.tags, REUSED_FROM_RUN: new_ids[source],
+                RECORD_OF: run.data.tags.get(RECORD_OF, run.info.run_id)}
+        new_ids[run.info.run_id] = _copy_run(src, dst, dst_exp, run, tags)
+        copied += 1
+    return Copied(copied, skipped, tuple(e.name for e in experiments))
+
+
+def export_record(store_uri: str, path: Path, grids: list[str] | None = None) -> Copied:
+    """Write the record of `store_uri` to the SQLite file `path`, anew (an existing file is replaced)."""
+    path = path.resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A name never used before: MLflow keeps one engine per store URI for the life of the process.
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.partial")
+    try:
+        copied = copy_finished(store_uri, f"sqlite:///{tmp}", grids)
+        tmp.replace(path)  # a reader never sees half a record
+    finally:
+        tmp.unlink(missing_ok=True)
+    return copied
+
+
+def restore_record(path: Path, store_uri: str, grids: list[str] | None = None) -> Copied:
+    """Copy the record at `path` into the store `store_uri` (created if new); idempotent.
+
+    Read from a private copy: opening the record itself as a store could migrate its schema in place,
+    and MLflow would keep serving a record replaced later in this process from its cached engine."""
+    if not path.is_file():
+        raise StoreError(f"--restore-record {path}: no such file")
+    with path.open("rb") as fh:
+        if fh.read(16) != b"SQLite format 3\x00":
+            raise StoreError(f"--restore-record {path}: not a record (a record is an SQLite file from --export-record)")
+    with tempfile.TemporaryDirectory(prefix="senet-record-") as tmp:
+        copy = Path(tmp) / f"record-{uuid.uuid4().hex[:12]}.db"
+        shutil.copyfile(path, copy)
+        return copy_finished(f"sqlite:///{copy}", store_uri, grids)
