@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -11,6 +11,7 @@ from ablations.config import GridConfig
 from ablations.report.frames import TOP1, TOP5, column, preset_cells, select_setting, summarize
 from ablations.report.layout import Layout, make_layout
 from ablations.report.paper import PLAIN
+from ablations.report.provenance import missing_cells, provenance
 from ablations.report.tables import Context, empty_latex, empty_markdown, preset_label, to_latex, to_markdown
 
 FIGURES = ("errors", "error_vs_r", "learning_curves", "error_vs_cost")  # the figures' file stems, in index order
@@ -83,11 +84,13 @@ def _resolution(runs: pd.DataFrame, dataset: str) -> int | None:
 def build_report(frame: pd.DataFrame, grid: str, dataset: str | None = None, *,
                  grid_config: GridConfig | None = None, description: str = "",
                  default_dataset: str = "unknown", default_arch: str | None = None,
-                 preset: str | None = None, study: str | None = None) -> GridReport:
+                 preset: str | None = None, study: str | None = None,
+                 expected: Sequence[tuple[str, int]] | None = None) -> GridReport:
     """The report of one grid on one dataset from runs as `mlflow.search_runs` (or runs_frame) gives them.
 
     dataset None: the dataset of the grid's latest finished run. Only runs trained with `preset`
-    (None: without a preset) count.
+    (None: without a preset) count. `expected`: the grid's (variant, seed) cells, to name those
+    without a finished run yet.
     """
     cells, others = preset_cells(frame, grid, preset)
     if dataset is None:
@@ -113,6 +116,8 @@ def build_report(frame: pd.DataFrame, grid: str, dataset: str | None = None, *,
         train_size=str(train_size.iloc[0]) if len(train_size) else None,
         data_sources=tuple(sorted(set(runs["data_source"].dropna()))),
         left_out=chosen.left_out, differing=chosen.differing, preset=preset, study=study,
-        image_size=_resolution(runs, dataset))
+        image_size=_resolution(runs, dataset),
+        missing=missing_cells(runs, expected or ()),
+        provenance=tuple(provenance(runs, grid, preset)))
     return GridReport(grid, dataset, runs, layout, summary, to_markdown(summary, layout, ctx), to_latex(summary, layout, ctx),
                       preset, study)

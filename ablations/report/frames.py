@@ -23,6 +23,7 @@ from ablations.tracking import runs_of
 # Which final metric the tables report: the last epoch's error (the paper reports its final models;
 # the best epoch would be selected on the test set, an optimistic figure).
 TOP1, TOP5 = "final_top1_err", "final_top5_err"
+PROVENANCE_TAGS = ("git_commit", "torch_version", "cpu_model", "device_name", "precision", "compile")
 NOT_RECIPE = {"seed", "dataset.root", "dataset.download", "train.checkpoint_every"}  # no part of what was run
 
 
@@ -91,6 +92,9 @@ def cell_runs(frame: pd.DataFrame) -> pd.DataFrame:
         "n_params": number(f, "metrics.params"),
         "caffe_params": number(f, "metrics.caffe_params"),
         "gflops": number(f, "metrics.gflops"),
+        "reused": link.loc[f.index].astype(bool),  # a linked run: trained once, for another grid
+        "train_seconds": number(f, "metrics.train_seconds"),  # write_report adds it from the epochs' times
+        **{k: column(f, f"tags.{k}") for k in PROVENANCE_TAGS},
     }, index=f.index)
     params = f[[c for c in f.columns if c.startswith("params.")]]
     out = pd.concat([tidy, params], axis=1)

@@ -138,6 +138,8 @@ class Context:
     study: str | None = None  # the preset's study label: real results of a recipe of their own
     image_size: int | None = None  # the resolution the model saw (px), when known
     other_presets: tuple[str, ...] = ()  # presets (or "" for none) with finished runs not shown here
+    missing: str | None = None  # which expected cells have no finished run yet
+    provenance: tuple[str, ...] = ()  # commits, command, machine, software, time (provenance.provenance)
 
 
 def _source_name(source: str) -> str:
@@ -184,6 +186,8 @@ def caption(summary: pd.DataFrame, layout: Layout, ctx: Context) -> list[str]:
         out.append("n = 1: no spread, no test (one seed; run more seeds to tell an effect from noise).")
     if (ns == 0).any():
         out.append(f"n = 0 ({DASH}): no finished run yet.")
+    if ctx.missing:
+        out.append(ctx.missing)
     if layout.gflops:
         out.append("GFLOPs: multiply-adds (G) at the training input size.")
     if layout.params:
@@ -209,7 +213,10 @@ def to_markdown(summary: pd.DataFrame, layout: Layout, ctx: Context) -> str:
     """The table.md of a grid: a heading, the table (label column left, numbers right) and the caption."""
     cols = _columns(layout, _MD)
     table = markdown_table(cols, _cells(summary, layout, _MD), ["left"] + ["right"] * (len(cols) - 1))
-    return "\n".join([f"## {title(layout, ctx)}", "", table, "", " ".join(caption(summary, layout, ctx)), ""])
+    parts = [f"## {title(layout, ctx)}", "", table, "", " ".join(caption(summary, layout, ctx)), ""]
+    if ctx.provenance:
+        parts += ["Provenance. " + " ".join(ctx.provenance), ""]
+    return "\n".join(parts)
 
 
 def to_latex(summary: pd.DataFrame, layout: Layout, ctx: Context) -> str:
@@ -217,9 +224,10 @@ def to_latex(summary: pd.DataFrame, layout: Layout, ctx: Context) -> str:
     table = pd.DataFrame(_cells(summary, layout, _TEX), columns=_columns(layout, _TEX))
     text = " ".join(tex_escape(s) for s in [title(layout, ctx) + "."] + caption(summary, layout, ctx))
     label = "tab:" + re.sub(r"[^A-Za-z0-9]+", "-", f"{ctx.dataset}-{ctx.grid}")
-    return table.style.hide(axis="index").to_latex(
+    latex = table.style.hide(axis="index").to_latex(
         hrules=True, column_format="l" + "r" * (table.shape[1] - 1), caption=text, label=label,
         position="t", position_float="centering")
+    return "".join(f"% {line}\n" for line in ctx.provenance) + latex
 
 
 def _empty_sentence(ctx: Context) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -9,7 +10,8 @@ from typing import Iterable, Sequence
 import pandas as pd
 from mlflow import MlflowClient
 
-from ablations.config import ExperimentsFile, GridConfig, load_experiments
+from ablations.config import ConfigError, ExperimentsFile, GridConfig, load_experiments, resolve_cells
+
 from ablations.report.build import FIGURES, GridReport, build_report
 from ablations.report.frames import metric_histories, preset_cells, runs_frame
 from ablations.report.index import write_index
@@ -24,6 +26,23 @@ def _grid_config(experiments: ExperimentsFile | str | Path | None, grid: str) ->
         return None, None
     exps = experiments if isinstance(experiments, ExperimentsFile) else load_experiments(experiments)
     return exps.grids.get(grid), exps
+
+
+def with_train_seconds(client: MlflowClient, frame: pd.DataFrame, run_ids: Iterable[str]) -> pd.DataFrame:
+    """`metrics.train_seconds` for these runs: the sum of their epochs' times (evaluation included)."""
+    seconds = {rid: sum(m.value for m in client.get_metric_history(rid, "epoch_seconds")) or math.nan
+               for rid in run_ids}
+    return frame.assign(**{"metrics.train_seconds": frame["run_id"].map(seconds)})
+
+
+def _expected_cells(exps: ExperimentsFile | None, grid: str, preset: str | None) -> list[tuple[str, int]] | None:
+    """The grid's (variant, seed) cells as the experiments file and `preset` define them; None if unknown."""
+    if exps is None or grid not in exps.grids:
+        return None
+    try:
+        return [(c.variant, c.seed) for c in resolve_cells(exps, grid, preset=preset)]
+    except ConfigError:  # a preset this file does not have: the report still lists what ran
+        return None
 
 
 def save_report(report: GridReport, directory: Path, history: pd.DataFrame | None = None) -> list[Path]:
@@ -99,12 +118,15 @@ def write_report(tracking_uri: str, grid: str, results_dir: str | Path = "result
     check_output_dir(results_dir)
     datasets = list(dict.fromkeys(reversed(mine["dataset"].tolist())))
     study = study_of(exps, preset)
+    frame = with_train_seconds(client, frame, mine["run_id"])
+    expected = _expected_cells(exps, grid, preset)
 
     first: Path | None = None
     run_id = _report_run(client, experiment.experiment_id, grid)
     for dataset in datasets:
         report = build_report(frame, grid, dataset, grid_config=grid_config, description=description,
-                              default_dataset=default_dataset, default_arch=default_arch, preset=preset, study=study)
+                              default_dataset=default_dataset, default_arch=default_arch, preset=preset, study=study,
+                              expected=expected)
         history = metric_histories(client, report.runs) if not report.runs.empty else None
         folder = dataset_folder(dataset, preset if study else None)
         directory = Path(results_dir) / folder / safe_name(grid)
