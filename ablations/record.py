@@ -92,7 +92,8 @@ def copy_finished(src_uri: str, dst_uri: str, grids: list[str] | None = None) ->
                 RECORD_OF: run.data.tags.get(RECORD_OF, run.info.run_id)}
         new_ids[run.info.run_id] = _copy_run(src, dst, dst_exp, run, tags)
         copied += 1
-    return Copied(copied, skipped, tuple(e.name for e in experiments))
+    grids_with_runs = tuple(e.name for e in experiments if _finished_cell_runs(src, e.experiment_id))
+    return Copied(copied, skipped, grids_with_runs)
 
 
 def export_record(store_uri: str, path: Path, grids: list[str] | None = None) -> Copied:

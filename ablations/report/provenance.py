@@ -48,10 +48,12 @@ def provenance(runs: pd.DataFrame, grid: str, preset: str | None) -> list[str]:
     if seconds is not None and len(seconds):
         reused = int(runs["reused"].sum()) if "reused" in runs else 0
         own = seconds[~runs.loc[seconds.index, "reused"]] if "reused" in runs else seconds
+        cells = f"{len(own)} cell{'s' if len(own) != 1 else ''}"
         text = (f"Training time per cell (its epochs and evaluations): mean {fmt_duration(seconds.mean())}, "
-                f"{fmt_duration(seconds.min())} to {fmt_duration(seconds.max())}; the grid's {len(own)} cells trained "
+                f"{fmt_duration(seconds.min())} to {fmt_duration(seconds.max())}; the grid's {cells} trained "
                 f"here took {fmt_duration(own.sum())}")
-        out.append(text + (f", and {reused} were trained once for another grid." if reused else "."))
+        shared = f"{reused} more {'was' if reused == 1 else 'were'} trained once, for another grid"
+        out.append(text + (f"; {shared}." if reused else "."))
     return out
 
 
