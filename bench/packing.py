@@ -12,9 +12,9 @@ trains the harness (ablations.train.train) until its first host sync, so that da
 algorithm choice and compilation are behind it, then says so; once all have, the sweep waits
 --warmup seconds more and times all of them over one common wall-clock window of --window
 seconds. Reported: images/s per process and their sum (train images; the per-epoch evaluation
-of a 1,000-image test subset is included in the window). On a CPU the processes would only split
-the same cores, so `sweep --device cpu` prints that it skipped and exits 0; --allow-cpu runs it
-anyway (to test the process protocol).
+of a 1,000-image test subset is included in the window). On a CPU, `sweep --device cpu` prints
+that it skipped and exits 0; --allow-cpu runs it: K processes with cores/K threads each, as
+`run_ablation.py --workers K` starts them, which tells one cell on every core from one cell per core.
 
 `cell` is one process of the sweep, runnable by hand. Its protocol, on stdin/stdout: it prints
 `READY` once warmed up, reads one line `T_START T_END` (time.time() seconds) from stdin, trains
@@ -116,6 +116,9 @@ def workers_sweep(ks: Sequence[int], device: torch.device, root: Path, batch_siz
         cmd += ["--train-size", str(train_size)] if train_size else []
         cmd += ["--compile"] if compile_ else []
         env = {**os.environ, WORKERS_PER_DEVICE_ENV: str(k)}  # as --workers-per-gpu K: data sized to 1/K of the GPU
+        if device.type == "cpu":  # as `--workers K` on a CPU: the cores split between the processes
+            threads = str(max(1, (os.cpu_count() or 1) // k))
+            env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
                  for _ in range(k)]
         results: list[dict[str, Any]] = []
