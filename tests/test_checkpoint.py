@@ -355,6 +355,10 @@ def test_time_limit_stops_before_it_and_repeated_runs_finish_each_cell_once(tmp_
     for r in finished:  # a cell stopped and resumed still has each epoch once
         assert [m.step for m in client.get_metric_history(r.info.run_id, "test_top1_err")] == list(range(1, epochs + 1))
     assert not list((d / "checkpoints").glob("*/*.pt"))
+    # Cells started, resumed or added by any of the invocations are nested under the grid's one parent run.
+    parents = client.search_runs([client.get_experiment_by_name("timed").experiment_id], "tags.grid_parent = 'true'")
+    assert len(parents) == 1 and {r.data.tags.get("mlflow.parentRunId") for r in cell_runs(d, "timed")} == \
+        {parents[0].info.run_id}
 
 
 def test_launcher_passes_sigusr1_to_its_workers_as_a_preemption(tmp_path):
