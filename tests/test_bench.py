@@ -176,7 +176,7 @@ def test_imagefolder_bench_names_a_missing_archive(tmp_path, capsys):
 
 
 def test_device_kit_scripts_parse():
-    """bench/device/ runs only on the lent GPU machine; here at least its scripts must parse."""
+    """bench/device/ runs on a GPU host; on any machine at least its scripts must parse."""
     import subprocess
 
     for script in ("session.sh", "fetch_wheels.sh"):
