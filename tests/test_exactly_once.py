@@ -57,6 +57,7 @@ def grid_parents(d: Path, grid: str) -> tuple[list[str], set[str | None]]:
             {r.data.tags.get("mlflow.parentRunId") for r in runs if "cell_id" in r.data.tags})
 
 
+@pytest.mark.slow
 def test_three_plain_runs_on_a_new_store_finish_each_cell_once(tmp_path, mini_cifar_root):
     """Three `run_ablation.py --grid race` processes (no --workers) started together on a store that
     does not exist yet: none crashes creating the store, all exit 0, each cell FINISHED once, and the

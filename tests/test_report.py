@@ -413,6 +413,7 @@ def test_index_inlines_every_table(results):
 # ----------------------------------------------------------------------------- notebook
 
 
+@pytest.mark.slow
 def test_notebook_runs_headless_against_a_small_store(store, tmp_path, monkeypatch):
     nb = nbformat.read(ROOT / "notebooks" / "ablation_results.ipynb", as_version=4)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
