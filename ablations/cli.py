@@ -136,15 +136,14 @@ def _cells(args: argparse.Namespace) -> tuple[ExperimentsFile, RunOptions | None
 
 def _dry_run(grids: list[tuple[str, list[Cell]]], as_json: bool, options: RunOptions, calibrate: bool = False) -> None:
     from ablations.config import expected_image_size, expected_num_classes, with_num_classes
-    from ablations.run.estimate import estimate_grids
-    from ablations.util.device import resolve_device
+    from ablations.run.estimate import estimate_grids, planning_device
     from senet import build_model, complexity
 
     threads = torch.get_num_threads()
     if options.threads and calibrate:  # the calibration runs as a worker with --threads would
         torch.set_num_threads(options.threads)
     try:
-        estimate = estimate_grids(grids, resolve_device(options.device), tracking_uri=options.store,
+        estimate = estimate_grids(grids, planning_device(options.device), tracking_uri=options.store,
                                   calibrate_here=calibrate, threads=options.threads)
     finally:
         torch.set_num_threads(threads)
@@ -275,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--calibrate: only with --dry-run (it times a few training steps for the estimate)")
         if args.dry_run:
             assert options is not None
-            if args.calibrate:
+            if args.calibrate or not args.device.startswith("cuda"):  # a GPU run may be planned without a GPU
                 _check_device(args.device)
             _dry_run(grids, args.json, options, args.calibrate)
             return EXIT_OK

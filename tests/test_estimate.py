@@ -70,6 +70,12 @@ def test_dry_run_ends_with_an_estimate_from_an_assumed_throughput(tmp_path, caps
                  "cpu", "--threads", "2", "--tracking-uri", f"sqlite:///{store}"]) == 0
     smoke = sum(r["estimated_seconds"] for r in json.loads(capsys.readouterr().out))
     assert 0 < smoke < 3600 and smoke < full / 1000
+    if not torch.cuda.is_available():  # a GPU run planned from a machine without one: the GPU assumption
+        assert main(["--config", SHIPPED, "--grid", "reduction", "--dry-run", "--device", "cuda",
+                     "--tracking-uri", f"sqlite:///{store}"]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert "for 18 cells on one GPU (none on this machine" in lines[-2]
+        assert "A100-class GPU" in lines[-1] and "an assumption, not a measurement" in lines[-1]
 
 
 def test_dry_run_takes_epoch_times_from_the_store(here, capsys):

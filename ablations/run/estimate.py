@@ -120,7 +120,7 @@ class GridEstimate:
                 f"from SE-ResNet-18-CIFAR's 43.8 images/s on a 2-core CPU; {precision} here"
                 + (f" at {ASSUMED_CPU_BF16_SPEEDUP}x fp32" if precision == "bf16" else ""))
 
-    def describe(self, total_cells: int | None = None) -> str:
+    def describe(self) -> str:
         """'about 3.8 days for 18 cells on this CPU (2 threads)'."""
         n = len(self.cells)
         head = f"about {fmt_long(self.seconds)}" if not self.unknown else (
@@ -130,6 +130,8 @@ class GridEstimate:
 
     def device_words(self) -> str:
         if self.device.type == "cuda":
+            if not torch.cuda.is_available():  # planning a GPU run from a machine without one
+                return "one GPU (none on this machine: store figures or the assumption)"
             return f"this GPU ({torch.cuda.get_device_name(self.device)})"
         return f"this CPU ({self.threads} threads)"
 
@@ -267,10 +269,24 @@ def _cell_estimate(est: GridEstimate, cell: Cell, config: ExperimentConfig, time
         steps = max(1, n_train // config.train.batch_size)
         epoch = scale * (steps * cal.step_seconds + n_test * cal.eval_seconds_per_image * flips)
         return CellEstimate(cell, epoch * epochs, "calibration")
-    bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and _bf16_here(est.device))
-    flops = est.assumed_flops(bf16)
+    cpu = est.device.type == "cpu"
+    bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and cpu and _bf16_here(est.device))
+    flops = est.assumed_flops(bf16 if cpu else None)
     epoch = macs * (n_train * TRAIN_FLOPS_PER_MAC + n_test * EVAL_FLOPS_PER_MAC * flips) / flops
     return CellEstimate(cell, epoch * epochs, "assumption")
+
+
+def planning_device(spec: str) -> torch.device:
+    """The device an estimate is for: `auto` as a run resolves it; a CUDA device also on a machine
+    without one (a GPU run planned from a laptop); ValueError for a name torch does not know."""
+    from ablations.util.device import resolve_device
+
+    if spec.startswith("cuda"):
+        try:
+            return torch.device(spec)
+        except RuntimeError as exc:
+            raise ValueError(str(exc).splitlines()[0]) from None
+    return resolve_device(spec)
 
 
 def _existing_store(tracking_uri: str | None):
