@@ -163,3 +163,28 @@ def test_printed_config_written_back_names_the_same_cell(here, capsys):
         path.write_text(yaml.safe_dump(back, sort_keys=False))
         (cell,) = resolve_cells(load_experiments(path), "back")
         assert cell.cell_id == row["cell_id"], (row["grid"], row["variant"])
+
+
+def test_a_run_resumed_by_another_grid_stays_under_its_own_grids_parent(here):
+    """A cell has one run per store, in the grid it was started in: resumed by another grid's worker,
+    it keeps its parent (or, made before parents, waits for its own grid's), never the other grid's."""
+    import torch
+
+    from ablations.config import with_num_classes
+    from ablations.tracking import PARENT_RUN_ID, CellRun, ensure_experiment, ensure_parent
+
+    store = uri(here / "mlflow.db")
+    client = MlflowClient(tracking_uri=store)
+    exp_a, exp_b = (ensure_experiment(client, store, g) for g in ("a", "b"))
+    parent_a, parent_b = (ensure_parent(client, store, e, g) for e, g in ((exp_a, "a"), (exp_b, "b")))
+    assert ensure_parent(client, store, exp_a, "a") == parent_a  # found again, not made twice
+    cell = resolve_cells(load_experiments(here / "experiments.yaml"), "pair")[0]
+    config = with_num_classes(cell.config, 10)
+    nested = CellRun(client, exp_a, cell, torch.device("cpu"), "synthetic", config, {PARENT_RUN_ID: parent_a})
+    nested.end("KILLED")
+    older = CellRun(client, exp_a, cell, torch.device("cpu"), "synthetic", config)  # a run from before parents
+    older.end("KILLED")
+    for run, expected in ((nested, parent_a), (older, None)):
+        CellRun(client, exp_b, cell, torch.device("cpu"), "synthetic", config, {PARENT_RUN_ID: parent_b},
+                resume_run_id=run.run_id).end("FINISHED")
+        assert client.get_run(run.run_id).data.tags.get(PARENT_RUN_ID) == expected
