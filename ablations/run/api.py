@@ -46,8 +46,12 @@ def warn_if_slow_here(options: RunOptions, exps: ExperimentsFile, grids: Grids) 
         except ConfigError:  # e.g. a --set that the preset's cells do not use: no size for the suggestion
             return None
 
-    line = cpu_warning(exps, grids, resolve_device(options.device), preset=options.preset,
-                       tracking_uri=options.store, threads=options.threads, resolve=under)
+    try:
+        device = resolve_device(options.device)
+    except ValueError:  # a GPU asked for where there is none: the preflight says so, not this
+        return
+    line = cpu_warning(exps, grids, device, preset=options.preset, tracking_uri=options.store,
+                       threads=options.threads, resolve=under)
     if line:
         print(line, file=sys.stderr, flush=True)
 

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ablations.config import Cell, ExperimentConfig, ExperimentsFile, expected_image_size, expected_num_classes, \
-    with_num_classes
+from ablations.config import (Cell, ExperimentConfig, ExperimentsFile, expected_image_size, expected_num_classes,
+                               with_num_classes)
 from ablations.util.timefmt import fmt_long
 
 # Images per split of the datasets whose size is known without reading them (imagenette2, imagewoof2).
