@@ -90,7 +90,7 @@ def test_imagenette_source_is_named_with_its_checksum_and_the_sample_command_res
     from torchvision.datasets import Imagenette
 
     url, md5 = Imagenette._ARCHIVES["320px"]  # what torchvision verifies the archive against
-    assert f"`imagenette2-320.tgz`" in README and url in README and f"MD5 `{md5}`" in README
+    assert "`imagenette2-320.tgz`" in README and url in README and f"MD5 `{md5}`" in README
     command = re.search(r"python run_ablation.py --grid imagenet_reduction --preset smoke .*?\n.*?\n", README).group(0)
     argv = command.replace("\\\n", " ").split()[2:]
     sample = argv[argv.index("--data-root") + 1]
