@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the grids with their descriptions")
     p.add_argument("--dry-run", action="store_true", help="print every cell with variant, seed, Params and GFLOPs; train nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
+    p.add_argument("--calibrate", action="store_true",
+                   help="with --dry-run: time a few real training steps of each backbone on this device for the "
+                        "estimate, where the store has no epoch times yet (default: an assumed throughput)")
     p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
     p.add_argument("--data-root", metavar="PATH", help="where datasets are found or downloaded (overrides dataset.root)")
     p.add_argument("--device", default=RunOptions.device, help="auto | cpu | cuda | cuda:N (default: %(default)s)")
@@ -131,9 +134,20 @@ def _cells(args: argparse.Namespace) -> tuple[ExperimentsFile, RunOptions | None
     return exps, options, options.resolve(exps)
 
 
-def _dry_run(grids: list[tuple[str, list[Cell]]], as_json: bool) -> None:
+def _dry_run(grids: list[tuple[str, list[Cell]]], as_json: bool, options: RunOptions, calibrate: bool = False) -> None:
     from ablations.config import expected_image_size, expected_num_classes, with_num_classes
+    from ablations.run.estimate import estimate_grids, planning_device
     from senet import build_model, complexity
+
+    threads = torch.get_num_threads()
+    if options.threads and calibrate:  # the calibration runs as a worker with --threads would
+        torch.set_num_threads(options.threads)
+    try:
+        estimate = estimate_grids(grids, planning_device(options.device), tracking_uri=options.store,
+                                  calibrate_here=calibrate, threads=options.threads)
+    finally:
+        torch.set_num_threads(threads)
+    per_cell = {e.cell.cell_id: e for e in estimate.cells}
 
     rows, measured = [], {}
     for grid, cells in grids:
@@ -146,9 +160,13 @@ def _dry_run(grids: list[tuple[str, list[Cell]]], as_json: bool) -> None:
                 with torch.device("meta"):
                     measured[key] = complexity(build_model(config.model), size)
             c = measured[key]
+            est = per_cell.get(cell.cell_id)
             rows.append(dict(grid=grid, variant=cell.variant, seed=cell.seed, cell_id=cell.cell_id, params=c.params,
                              caffe_params=c.caffe_params, gflops=round(c.gflops, 5), input_size=size,
-                             config=config.model_dump(mode="json")))
+                             config=config.model_dump(mode="json"),
+                             # None: FINISHED in the store already (a run skips it), or its dataset's size is unknown
+                             estimated_seconds=None if est is None or est.seconds is None else round(est.seconds, 1),
+                             estimate_source="finished" if est is None else est.source))
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -159,6 +177,9 @@ def _dry_run(grids: list[tuple[str, list[Cell]]], as_json: bool) -> None:
               f"{r['params'] / 1e6:8.3f}M {r['caffe_params'] / 1e6:8.3f}M {r['gflops']:8.4f} {r['input_size']:>4d}")
     print(f"{len(rows)} cells. Params: trainable; +BN: also BatchNorm statistics, as the paper's Params column "
           "counts them; GFLOPs: multiply-adds (G) at px x px input")
+    print(f"estimated wall time: {estimate.describe()}, one cell after another (training and evaluation epochs; "
+          "start-up, first decoding of the data and compilation not counted)")
+    print(f"  from: {estimate.where() or 'nothing to run'}")
 
 
 def _report_or_analyze(args: argparse.Namespace, exps: ExperimentsFile) -> int:
@@ -249,8 +270,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 table = f" [Table {grid.paper_table}]" if grid.paper_table else ""
                 print(f"{name:{w}s}{table:11s} {grid.description}")
             return EXIT_OK
+        if args.calibrate and not args.dry_run:
+            raise ConfigError("--calibrate: only with --dry-run (it times a few training steps for the estimate)")
         if args.dry_run:
-            _dry_run(grids, args.json)
+            assert options is not None
+            if args.calibrate or not args.device.startswith("cuda"):  # a GPU run may be planned without a GPU
+                _check_device(args.device)
+            _dry_run(grids, args.json, options, args.calibrate)
             return EXIT_OK
         from ablations.tracking import check_tracking_uri
 
@@ -262,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report_or_analyze(args, exps)
         # The time limit is armed (a bad duration is bad input before anything runs), then on a GPU
         # one real step and one MLflow write, before any cell is claimed.
-        if code := prepare(options, grids):
+        if code := prepare(options, grids, exps):
             return code
         code = dispatch(options, exps, grids, worker=worker)  # a worker, a launcher, or this process as the one worker
         if worker or code in (EXIT_PREEMPTED, EXIT_TIME_LIMIT):  # the report waits for a run that finishes the grids
@@ -274,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted: the running cell is marked KILLED and runs again next time", file=sys.stderr)
+        print("interrupted: the running cell is marked KILLED; the next run resumes it from its last checkpoint",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 #      (75 is EX_TEMPFAIL of sysexits.h: "temporary failure, try again later")
 # 124  the --time-limit was reached: cells not started or checkpointed mid-way; run the same command again
 #      (124 is what coreutils' `timeout` returns when the limit struck)
-# 130  interrupted (Ctrl-C): the running cell is marked KILLED and runs again next time
+# 130  interrupted (Ctrl-C): the running cell is marked KILLED; the next run resumes it from its checkpoint
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2

@@ -23,7 +23,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run
 
 from ablations.errors import StoreError
-from ablations.tracking import REUSED_FROM_RUN, client_for, ensure_experiment, is_link, runs_of
+from ablations.tracking import (PARENT_RUN_ID, REUSED_FROM_RUN, client_for, ensure_experiment, ensure_parent, is_link,
+                                runs_of)
 
 RECORD_OF = "record_of_run"  # the id the run had in the store it was first recorded from
 
@@ -44,8 +45,11 @@ def _finished_cell_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
     return sorted((r for r in runs if "cell_id" in r.data.tags), key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
 
-def _copy_run(src: MlflowClient, dst: MlflowClient, experiment_id: str, run: Run, tags: dict[str, str]) -> str:
-    """One run into `experiment_id` of `dst`: tags, params, metric histories, start and end time."""
+def _copy_run(src: MlflowClient, dst: MlflowClient, experiment_id: str, run: Run, tags: dict[str, str],
+              parent: str | None = None) -> str:
+    """One run into `experiment_id` of `dst`: tags, params, metric histories, start and end time;
+    nested under `parent` (the source's parent is another store's run)."""
+    tags = {k: v for k, v in tags.items() if k != PARENT_RUN_ID} | ({PARENT_RUN_ID: parent} if parent else {})
     created = dst.create_run(experiment_id, start_time=run.info.start_time, tags=tags, run_name=run.info.run_name)
     run_id = created.info.run_id
     params = [Param(k, v) for k, v in sorted(run.data.params.items())]
@@ -59,8 +63,11 @@ def _copy_run(src: MlflowClient, dst: MlflowClient, experiment_id: str, run: Run
     return run_id
 
 
-def copy_finished(src_uri: str, dst_uri: str, grids: list[str] | None = None) -> Copied:
-    """Copy the FINISHED cell runs of `grids` (every experiment if None) from one store into another."""
+def copy_finished(src_uri: str, dst_uri: str, grids: list[str] | None = None, nest: bool = True) -> Copied:
+    """Copy the FINISHED cell runs of `grids` (every experiment if None) from one store into another.
+
+    `nest`: the copies are nested under their grid's parent run in the target (created once), as a
+    grid's runs are; else (a record: cell runs only) they have no parent."""
     src, dst = client_for(src_uri), client_for(dst_uri)
     experiments = [e for e in src.search_experiments() if grids is None or e.name in grids]
     if grids is not None:
@@ -70,19 +77,24 @@ def copy_finished(src_uri: str, dst_uri: str, grids: list[str] | None = None) ->
     new_ids: dict[str, str] = {}  # source run id -> its copy (or the run already there)
     pending: list[tuple[str, Run]] = []
     copied = skipped = 0
+    parents: dict[str, str] = {}  # target experiment -> its grid's parent run, which the copies are nested under
     for exp in experiments:
-        dst_exp = ensure_experiment(dst, dst_uri, exp.name, exp.tags.get("mlflow.note.content", ""))
+        description = exp.tags.get("mlflow.note.content", "")
+        dst_exp = ensure_experiment(dst, dst_uri, exp.name, description)
         have = {r.data.tags["cell_id"]: r for r in _finished_cell_runs(dst, dst_exp)}
         for run in _finished_cell_runs(src, exp.experiment_id):
             there = have.get(run.data.tags["cell_id"])
             if there is not None:
                 new_ids[run.info.run_id] = there.info.run_id
                 skipped += 1
-            elif is_link(run):
+                continue
+            if nest and dst_exp not in parents:
+                parents[dst_exp] = ensure_parent(dst, dst_uri, dst_exp, exp.name, description)
+            if is_link(run):
                 pending.append((dst_exp, run))  # after its source has a copy
             else:
                 tags = {**run.data.tags, RECORD_OF: run.data.tags.get(RECORD_OF, run.info.run_id)}
-                new_ids[run.info.run_id] = _copy_run(src, dst, dst_exp, run, tags)
+                new_ids[run.info.run_id] = _copy_run(src, dst, dst_exp, run, tags, parents.get(dst_exp))
                 copied += 1
     for dst_exp, run in pending:
         source = run.data.tags[REUSED_FROM_RUN]
@@ -90,7 +102,7 @@ def copy_finished(src_uri: str, dst_uri: str, grids: list[str] | None = None) ->
             raise StoreError(f"{src_uri}: run {run.info.run_id} links run {source}, which is not a FINISHED cell run")
         tags = {**run.data.tags, REUSED_FROM_RUN: new_ids[source],
                 RECORD_OF: run.data.tags.get(RECORD_OF, run.info.run_id)}
-        new_ids[run.info.run_id] = _copy_run(src, dst, dst_exp, run, tags)
+        new_ids[run.info.run_id] = _copy_run(src, dst, dst_exp, run, tags, parents.get(dst_exp))
         copied += 1
     grids_with_runs = tuple(e.name for e in experiments if _finished_cell_runs(src, e.experiment_id))
     return Copied(copied, skipped, grids_with_runs)
@@ -103,7 +115,7 @@ def export_record(store_uri: str, path: Path, grids: list[str] | None = None) ->
     # A name never used before: MLflow keeps one engine per store URI for the life of the process.
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.partial")
     try:
-        copied = copy_finished(store_uri, f"sqlite:///{tmp}", grids)
+        copied = copy_finished(store_uri, f"sqlite:///{tmp}", grids, nest=False)  # cell runs only
         tmp.replace(path)  # a reader never sees half a record
     finally:
         tmp.unlink(missing_ok=True)

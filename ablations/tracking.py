@@ -1,5 +1,9 @@
 """MLflow tracking: one experiment per grid, one run per cell (per store), linked into the other grids listing it.
 
+Each grid's experiment has one parent run (tag `grid_parent`), created once per store; its cells' runs
+(and linked runs) are nested under it (`mlflow.parentRunId`), as sweeps appear in the MLflow UI, and
+the grid's report (tables, figures) is logged as its artifacts.
+
 All writes go through an explicit `MlflowClient` (no global active run), so several
 workers can log their own runs side by side. Several processes writing one SQLite file
 take turns on its lock; a call that still finds it locked is retried with backoff.
@@ -7,6 +11,7 @@ take turns on its lock; a call that still finds it locked is retried with backof
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -17,9 +22,10 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar, cast
+from typing import Any, Callable, ContextManager, Iterable, Mapping, Sequence, TypeVar, cast
 
 import torch
+from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 
@@ -187,6 +193,59 @@ def ensure_experiment(client: MlflowClient, tracking_uri: str, grid: str, descri
         if found is None:
             raise
         return found.experiment_id
+
+
+# A grid's parent run: its tag, and the MLflow tag that nests a run under it (what the UI reads).
+GRID_PARENT, PARENT_RUN_ID = "grid_parent", "mlflow.parentRunId"
+LEGACY_REPORT = "report"  # before parents, a run tagged report=true held a grid's report: it becomes the parent
+
+
+def parent_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
+    """The experiment's parent runs, oldest first (one, unless a store without locks raced)."""
+    found = runs_of(client, experiment_id, f"tags.{GRID_PARENT} = 'true'")
+    return sorted(found, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+
+def _parent_lock(tracking_uri: str, lock: ContextManager[None] | None) -> ContextManager[None]:
+    """Processes creating a grid's parent take turns: a lock file beside a SQLite store, else the
+    caller's (the queue's: a journal file or PostgreSQL lock shared by every worker of the grid)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return FileLock(tracking_uri.removeprefix("sqlite:///") + ".parent.lock")
+    return lock or contextlib.nullcontext()
+
+
+def ensure_parent(client: MlflowClient, tracking_uri: str, experiment_id: str, grid: str, description: str = "",
+                  lock: ContextManager[None] | None = None) -> str:
+    """The id of the grid's parent run in its experiment, created once per store: found by its tag
+    (the oldest, should there ever be two), else the former report run promoted, else a new one.
+
+    The parent is a container: FINISHED from the start (nothing trains in it), no cell_id tag (so
+    nothing counts it as a cell), its description the grid's."""
+    with _parent_lock(tracking_uri, lock):
+        found = parent_runs(client, experiment_id)
+        if found:
+            return found[0].info.run_id
+        legacy = runs_of(client, experiment_id, f"tags.{LEGACY_REPORT} = 'true'")
+        if legacy:
+            run_id = min(legacy, key=lambda r: (r.info.start_time or 0, r.info.run_id)).info.run_id
+            client.log_batch(run_id, tags=[RunTag(GRID_PARENT, "true"), RunTag("mlflow.runName", grid)])
+            client.delete_tag(run_id, LEGACY_REPORT)
+            return run_id
+        tags = {GRID_PARENT: "true", "grid": grid, **({"mlflow.note.content": description} if description else {})}
+        run_id = client.create_run(experiment_id, tags=tags, run_name=grid).info.run_id
+        client.set_terminated(run_id, status="FINISHED")
+        return run_id
+
+
+def attach_to_parent(client: MlflowClient, experiment_id: str, parent_id: str) -> int:
+    """Nest under `parent_id` the experiment's cell runs (linked ones too) that have no parent yet,
+    e.g. those of a store made before grids had parents; how many."""
+    attached = 0
+    for run in runs_of(client, experiment_id):
+        if "cell_id" in run.data.tags and PARENT_RUN_ID not in run.data.tags:
+            client.set_tag(run.info.run_id, PARENT_RUN_ID, parent_id)
+            attached += 1
+    return attached
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -372,9 +431,12 @@ class CellRun:
         }
         if resume_run_id is not None:
             self.run_id = resume_run_id
-            old = client.get_run(resume_run_id).data.tags
+            found = client.get_run(resume_run_id)
+            old = found.data.tags
             self.resumes = int(old.get("resumes", "0")) + 1
-            own = {k: old[k] for k in ("grid", "variant", "seed", "preset", "paper_table") if k in old}
+            own = {k: old[k] for k in ("grid", "variant", "seed", "preset", "paper_table", PARENT_RUN_ID) if k in old}
+            if found.info.experiment_id != experiment_id:  # another grid's run: only its own grid's parent adopts it
+                tags.pop(PARENT_RUN_ID, None)
             self.set_tags({**tags, **own, "resumes": str(self.resumes)})
             for stale in ("failure_reason", "stopped"):  # why it stopped last time; it is running again
                 if stale in old:

@@ -1,4 +1,4 @@
-"""Bad input gets one line, the documented exit code, no traceback, and nothing written (issue 12).
+"""Bad input gets one line, the documented exit code, no traceback, and nothing written.
 
 Each failure class runs through the real CLI (`ablations.cli.main`, stderr captured) against a real
 MLflow store (a SQLite file) and real files. "Nothing written" is checked on the file system (the
@@ -346,6 +346,7 @@ def test_report_without_preset_on_a_smoke_store_writes_nothing(work, capsys, bla
     assert readme.read_text() == "# Ablation results\n\nNo real results yet.\n"
     assert tree(work) - before <= {"store/mlartifacts"}, sorted(tree(work) - before)  # no placeholder tables
     assert not runs_of(client, exp_id, "tags.report = 'true'")
+    assert not runs_of(client, exp_id, "tags.grid_parent = 'true'")  # no parent run made to hold nothing
 
 
 def test_smoke_figures_and_findings_say_smoke(work, blank_db):

@@ -130,6 +130,7 @@ def test_accuracy_check_reports_mean_std_per_path(mini_cifar_root, cache):
     assert isinstance(acc["within_2std"], bool)
 
 
+@pytest.mark.slow
 def test_sweep_processes_share_one_window(mini_cifar_root, cache):
     """The `packing.py cell` protocol (READY, common window, RESULT) on a CPU; the CLI runs it on CUDA only."""
     rows = packing.workers_sweep([1], torch.device("cpu"), mini_cifar_root, batch_size=8, warmup_s=1.0,
@@ -176,7 +177,7 @@ def test_imagefolder_bench_names_a_missing_archive(tmp_path, capsys):
 
 
 def test_device_kit_scripts_parse():
-    """bench/device/ runs only on the lent GPU machine; here at least its scripts must parse."""
+    """bench/device/ runs on a GPU host; on any machine at least its scripts must parse."""
     import subprocess
 
     for script in ("session.sh", "fetch_wheels.sh"):

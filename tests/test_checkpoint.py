@@ -229,6 +229,7 @@ def test_checkpoint_every_is_not_part_of_the_cell_id():
 # ----------------------------------------------------------------------------- real processes
 
 
+@pytest.mark.slow
 def test_sigkill_after_epoch_2_resumes_bit_exact(tmp_path, reference):
     """SIGKILL once the epoch-2 checkpoint exists; the next run resumes the same MLflow run from it."""
     d = write_store(tmp_path / "killed")
@@ -248,6 +249,7 @@ def test_sigkill_after_epoch_2_resumes_bit_exact(tmp_path, reference):
     assert "failure_reason" not in only.data.tags
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_checkpoints_and_exits_75(tmp_path, reference):
     """SIGTERM during epoch 2: a mid-epoch checkpoint and exit 75 at the next step; resume is bit-exact."""
     d = write_store(tmp_path / "term")
@@ -313,6 +315,7 @@ def _seconds_per_step(batch: int) -> float:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_time_limit_stops_before_it_and_repeated_runs_finish_each_cell_once(tmp_path):
     """A grid needing several times the limit: each invocation exits 124 (stopped before its limit,
     by its own clock) until one exits 0; then every cell has exactly one FINISHED run.
@@ -355,8 +358,13 @@ def test_time_limit_stops_before_it_and_repeated_runs_finish_each_cell_once(tmp_
     for r in finished:  # a cell stopped and resumed still has each epoch once
         assert [m.step for m in client.get_metric_history(r.info.run_id, "test_top1_err")] == list(range(1, epochs + 1))
     assert not list((d / "checkpoints").glob("*/*.pt"))
+    # Cells started, resumed or added by any of the invocations are nested under the grid's one parent run.
+    parents = client.search_runs([client.get_experiment_by_name("timed").experiment_id], "tags.grid_parent = 'true'")
+    assert len(parents) == 1 and {r.data.tags.get("mlflow.parentRunId") for r in cell_runs(d, "timed")} == \
+        {parents[0].info.run_id}
 
 
+@pytest.mark.slow
 def test_launcher_passes_sigusr1_to_its_workers_as_a_preemption(tmp_path):
     """SIGUSR1 to `--workers 2`: both workers checkpoint their cells and exit 75, their trials end
     'preempted' (no retry used up), the launcher exits 75; the next launch resumes both runs."""
@@ -397,14 +405,17 @@ def test_launcher_passes_sigusr1_to_its_workers_as_a_preemption(tmp_path):
     assert len(redo) == 2 and all(t.user_attrs["attempt"] == 0 for t in redo)
 
 
-def test_bad_time_limit_is_bad_input(tmp_path):
+def test_bad_time_limit_is_bad_input(tmp_path, capsys):
+    from ablations.cli import main
+
     d = write_store(tmp_path / "bad")
-    done = run(d, "one", "--time-limit", "9x")
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == "error: --time-limit 9x: expected a duration such as 90s, 9m, 2h or 1h30m"
+    assert main(command(d, "one", "--time-limit", "9x")[2:]) == 2  # in this process: nothing is armed
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "error: --time-limit 9x: expected a duration such as 90s, 9m, 2h or 1h30m"
     assert not (d / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_cost_bench_reports_well_formed_numbers(tmp_path):
     """bench/checkpoint_cost.py runs (here on a tiny model) and reports size, times and the share."""
     out = tmp_path / "cost.json"

@@ -48,23 +48,37 @@ def finished_per_cell(d: Path, grid: str) -> collections.Counter:
     return collections.Counter(r.data.tags["cell_id"] for r in runs if "cell_id" in r.data.tags)
 
 
-def test_two_plain_runs_on_a_new_store_finish_each_cell_once(tmp_path, mini_cifar_root):
-    """Two `run_ablation.py --grid race` processes (no --workers) started together on a store that
-    does not exist yet: neither crashes creating the store, both exit 0, each cell FINISHED once."""
+def grid_parents(d: Path, grid: str) -> tuple[list[str], set[str | None]]:
+    """The grid's parent runs, and the parents its cell runs are nested under."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{d / 'store' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(grid)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return ([r.info.run_id for r in runs if r.data.tags.get("grid_parent") == "true"],
+            {r.data.tags.get("mlflow.parentRunId") for r in runs if "cell_id" in r.data.tags})
+
+
+@pytest.mark.slow
+def test_three_plain_runs_on_a_new_store_finish_each_cell_once(tmp_path, mini_cifar_root):
+    """Three `run_ablation.py --grid race` processes (no --workers) started together on a store that
+    does not exist yet: none crashes creating the store, all exit 0, each cell FINISHED once, and the
+    grid has one parent run with every cell run nested under it."""
     (tmp_path / "experiments.yaml").write_text(yaml.safe_dump(GRID_FILE, sort_keys=False))
     (tmp_path / "store").mkdir()
-    procs = [start(tmp_path, mini_cifar_root, "--grid", "race") for _ in range(2)]
+    procs = [start(tmp_path, mini_cifar_root, "--grid", "race") for _ in range(3)]
     outs = [wait_for_exit(p) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(outs)
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n----\n".join(outs)
     per_cell = finished_per_cell(tmp_path, "race")
     assert len(per_cell) == 6 and set(per_cell.values()) == {1}, per_cell
     for out in outs:
         assert "Traceback" not in out and "grid race: " in out and "0 failed, 0 not done, of 6 cells" in out
+    parents, nested_under = grid_parents(tmp_path, "race")
+    assert len(parents) == 1 and nested_under == set(parents), (parents, nested_under)
 
-    again = start(tmp_path, mini_cifar_root, "--grid", "race")  # a third run finds everything done
+    again = start(tmp_path, mini_cifar_root, "--grid", "race")  # a fourth run finds everything done
     out = wait_for_exit(again)
     assert again.returncode == 0 and "0 finished, 6 skipped (already done)" in out, out
     assert finished_per_cell(tmp_path, "race") == per_cell
+    assert grid_parents(tmp_path, "race") == (parents, set(parents))
 
 
 def test_force_runs_every_cell_again_once(tmp_path, mini_cifar_root, capsys):

@@ -271,14 +271,25 @@ def test_channels_last_survives_augmentation_and_the_zero_pad_shortcut():
 # --------------------------------------------------------------------------- preflight
 
 
-def _preflight(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    env.pop("SENET_PREFLIGHT_PASSED", None)
-    return subprocess.run([sys.executable, "-m", "ablations.run.preflight", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True)
+@pytest.fixture
+def _preflight(monkeypatch, capsys):
+    """`python -m ablations.run.preflight ARGS` in this process (its `main`, what the module runs):
+    (exit code, stderr). The pass it records in the environment is undone after the test."""
+    from ablations.run import preflight
+
+    monkeypatch.setenv(preflight.PREFLIGHT_PASSED_ENV, "")
+    monkeypatch.delenv(preflight.PREFLIGHT_PASSED_ENV)
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        code = preflight.main(list(args))
+        return subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
+
+    return run
 
 
-def test_preflight_trains_one_step_and_writes_the_store(tmp_path):
+def test_preflight_trains_one_step_and_writes_the_store(tmp_path, _preflight):
     db = tmp_path / "mlflow.db"
     done = _preflight("--device", "cpu", "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -298,7 +309,7 @@ def test_preflight_trains_one_step_and_writes_the_store(tmp_path):
     assert client.get_experiment(exp.experiment_id).lifecycle_stage == "deleted"
 
 
-def test_preflight_names_an_unwritable_store_in_one_line(tmp_path):
+def test_preflight_names_an_unwritable_store_in_one_line(tmp_path, _preflight):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     done = _preflight("--device", "cpu", "--tracking-uri", f"sqlite:///{blocker}/sub/mlflow.db", cwd=tmp_path)
@@ -309,7 +320,7 @@ def test_preflight_names_an_unwritable_store_in_one_line(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message; this machine has CUDA")
-def test_preflight_on_cuda_without_cuda_exits_2_with_the_cause(tmp_path):
+def test_preflight_on_cuda_without_cuda_exits_2_with_the_cause(tmp_path, _preflight):
     done = _preflight("--device", "cuda", cwd=tmp_path)
     assert done.returncode == 2
     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]

@@ -71,9 +71,19 @@ def test_record_restores_into_a_fresh_store_that_reports_the_same_and_resumes(he
     # Without artifacts: no weights travel, and the record is a small SQLite file.
     assert record.stat().st_size < 2_000_000 and not (record.parent / "mlartifacts").exists()
 
+    # Cell runs only: no grid parent run, and no run nested under one of the study's store.
+    con = sqlite3.connect(record)
+    assert con.execute("select count(*) from tags where key in ('grid_parent', 'mlflow.parentRunId')").fetchone() == (0,)
+    assert con.execute("select count(*) from runs").fetchone() == (2,)
+    con.close()
+
     # A new machine: the record restored into a fresh store; the finished grid trains nothing.
     assert cli(here, fresh, "--restore-record", str(record)) == 0
     assert "2 finished cell runs copied, 0 already there" in capsys.readouterr().out
+    client = MlflowClient(uri(fresh))  # the copies are nested under the grid's parent run there
+    parents = client.search_runs([client.get_experiment_by_name("pair").experiment_id], "tags.grid_parent = 'true'")
+    assert len(parents) == 1 and {r.data.tags.get("mlflow.parentRunId") for r in cell_runs(fresh, "pair")} == \
+        {parents[0].info.run_id}
     assert cli(here, fresh, "--grid", "pair") == 0
     assert "grid pair: 0 finished, 2 skipped (already done)" in capsys.readouterr().err
     # The study goes on from there: of grid `other`, r = 8 is pair's cell (linked), only r = 16 trains.

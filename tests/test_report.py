@@ -253,7 +253,7 @@ def test_empty_store_says_no_finished_runs(tmp_path, exps, new_store, capsys):
     assert report.write_report(uri, "reduction", tmp_path / "results", experiments=exps) is None
     assert "grid reduction has no finished runs without a preset; nothing written" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
-    assert not runs_of(client, exp_id, "tags.report = 'true'")
+    assert not runs_of(client, exp_id, "tags.grid_parent = 'true'")  # no parent run made to hold nothing
     # the table itself (e.g. for the notebook) still says why it is empty
     frame = report.runs_frame(client, exp_id)
     built = report.build_report(frame, "reduction", grid_config=exps.grids["reduction"], default_dataset="cifar10")
@@ -287,7 +287,7 @@ def test_preset_runs_are_reported_apart(tmp_path, exps, new_store, capsys):
     assert rows["16"][1:3] == ["2", "35.00 ± 7.07"] and rows["2"][1:3] == ["1", "**31.00**"]
     assert "preset: smoke" in smoke_md and "another setting" not in smoke_md
     artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(
-        report_write._report_run(MlflowClient(tracking_uri=uri), MlflowClient(tracking_uri=uri)
+        report_write._report_run(MlflowClient(tracking_uri=uri), uri, MlflowClient(tracking_uri=uri)
                                  .get_experiment_by_name("reduction").experiment_id, "reduction"), "presets/smoke")}
     assert artifacts == {"presets/smoke/cifar10"}
 
@@ -378,7 +378,8 @@ def test_figures_are_valid_images(reduction_dir):
 
 
 def test_report_twice_is_identical_with_one_report_run(store, exps, reduction_dir):
-    """Again, now with the experiments file: byte for byte the same files, and still one report run."""
+    """Again, now with the experiments file: byte for byte the same files, and still one run holding
+    them: the grid's parent, with every cell run nested under it."""
     before = {p.name: p.read_bytes() for p in reduction_dir.iterdir()}
     again = report.write_report(store, "reduction", reduction_dir.parents[1], experiments=exps)
     assert again == reduction_dir
@@ -388,10 +389,13 @@ def test_report_twice_is_identical_with_one_report_run(store, exps, reduction_di
         assert after[name] == before[name], name
     client = MlflowClient(tracking_uri=store)
     exp_id = client.get_experiment_by_name("reduction").experiment_id
-    reports = client.search_runs([exp_id], "tags.report = 'true'")
+    reports = client.search_runs([exp_id], "tags.grid_parent = 'true'")
     assert len(reports) == 1
     run = reports[0]
-    assert "cell_id" not in run.data.tags and run.info.status == "FINISHED"
+    assert "cell_id" not in run.data.tags and run.info.status == "FINISHED" and run.info.run_name == "reduction"
+    cells = [r for r in client.search_runs([exp_id], max_results=1000) if "cell_id" in r.data.tags]
+    assert cells and {r.data.tags.get("mlflow.parentRunId") for r in cells} == {run.info.run_id}
+    assert not client.search_runs([exp_id], "tags.report = 'true'")  # no separate report run beside the cells
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "cifar10")}
     assert {"cifar10/table.md", "cifar10/table.tex", "cifar10/table.csv", "cifar10/errors.png"} <= logged
     local = client.download_artifacts(run.info.run_id, "cifar10/table.md", str(reduction_dir.parents[2]))
@@ -409,6 +413,7 @@ def test_index_inlines_every_table(results):
 # ----------------------------------------------------------------------------- notebook
 
 
+@pytest.mark.slow
 def test_notebook_runs_headless_against_a_small_store(store, tmp_path, monkeypatch):
     nb = nbformat.read(ROOT / "notebooks" / "ablation_results.ipynb", as_version=4)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)

@@ -88,6 +88,7 @@ def first_run(workdir, mini_cifar_root):
     return survivors, killed_log, resumed
 
 
+@pytest.mark.slow
 def test_killed_grid_resumes_only_missing_cells(workdir, first_run):
     survivors, _, resumed = first_run
     assert resumed.returncode == 0, resumed.stderr
@@ -103,6 +104,7 @@ def test_killed_grid_resumes_only_missing_cells(workdir, first_run):
     assert "RUNNING" not in statuses and statuses.count("KILLED") + len(resumed_runs) == 1
 
 
+@pytest.mark.slow
 def test_runs_carry_params_metrics_and_tags(workdir, first_run):
     done = finished(workdir, "two_axes")
     variants = sorted(r.data.tags["variant"] for r in done)
@@ -139,6 +141,7 @@ def test_runs_carry_params_metrics_and_tags(workdir, first_run):
     model.load_state_dict(state)
 
 
+@pytest.mark.slow
 def test_rerun_skips_every_cell(workdir, mini_cifar_root, first_run, capsys):
     before = {r.info.run_id for r in runs(workdir, "two_axes")}
     assert main(cli(workdir, mini_cifar_root, "--grid", "two_axes")) == 0
@@ -147,6 +150,7 @@ def test_rerun_skips_every_cell(workdir, mini_cifar_root, first_run, capsys):
     assert {r.info.run_id for r in runs(workdir, "two_axes")} == before
 
 
+@pytest.mark.slow
 def test_diverging_cell_fails_named_and_grid_goes_on(workdir, mini_cifar_root, first_run, capsys):
     code = main(cli(workdir, mini_cifar_root, "--grid", "diverge"))
     err = capsys.readouterr().err
@@ -158,6 +162,7 @@ def test_diverging_cell_fails_named_and_grid_goes_on(workdir, mini_cifar_root, f
     assert "loss became" in by_variant["lr=1000000000000.0"].data.tags["failure_reason"]
 
 
+@pytest.mark.slow
 def test_preset_runs_are_tagged_and_reported_apart(workdir, mini_cifar_root, first_run, tmp_path, monkeypatch,
                                                    capsys):
     monkeypatch.chdir(tmp_path)

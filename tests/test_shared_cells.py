@@ -45,6 +45,18 @@ def cell_runs(store: Path, grid: str) -> list:
     return [r for r in found if "cell_id" in r.data.tags]
 
 
+def the_parent(store: Path, grid: str) -> str:
+    """The id of the grid's one parent run, every cell run of the grid (links too) nested under it."""
+    client = MlflowClient(tracking_uri=uri(store))
+    exp = client.get_experiment_by_name(grid)
+    parents = client.search_runs([exp.experiment_id], "tags.grid_parent = 'true'")
+    assert len(parents) == 1, [p.info.run_id for p in parents]
+    parent = parents[0]
+    assert "cell_id" not in parent.data.tags and parent.info.run_name == grid
+    assert {r.data.tags.get("mlflow.parentRunId") for r in cell_runs(store, grid)} == {parent.info.run_id}
+    return parent.info.run_id
+
+
 @pytest.fixture
 def here(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)  # reports land under the test's folder
@@ -92,14 +104,29 @@ def test_shared_cell_is_trained_once_and_linked(here, capsys):
     assert sorted(table["variant"]) == ["squeeze=avg", "squeeze=max"]
     assert table.set_index("variant").loc["squeeze=avg", "run_id"] == link.info.run_id
 
-    # Again: nothing trains, nothing is linked twice.
+    # Each grid is a parent run with its cells nested under it, the link under its own grid's parent;
+    # the report's files are the parent's artifacts.
+    parents = {grid: the_parent(store, grid) for grid in ("reduction", "squeeze")}
+    assert parents["reduction"] != parents["squeeze"]
+    assert {a.path for a in client.list_artifacts(parents["squeeze"], "presets/smoke/synthetic")} >= \
+        {"presets/smoke/synthetic/table.md", "presets/smoke/synthetic/errors.png"}
+
+    # Again: nothing trains, nothing is linked twice, and no second parent.
     assert main([*args, "--grid", "squeeze"]) == 0
     assert "grid squeeze: 0 finished, 2 skipped (already done)" in capsys.readouterr().err
     assert len(cell_runs(store, "squeeze")) == 2 and len(cell_runs(store, "reduction")) == 6
+    assert the_parent(store, "squeeze") == parents["squeeze"]
+    # A later invocation that adds cells (a second seed) nests them under the same parent.
+    assert main([*args, "--grid", "squeeze", "--seeds", "0,1"]) == 0
+    err = capsys.readouterr().err
+    assert "grid squeeze: 2 finished, 2 skipped (already done)" in err, err.splitlines()[-3:]
+    assert len(cell_runs(store, "squeeze")) == 4 and the_parent(store, "squeeze") == parents["squeeze"]
 
 
 def test_store_with_legacy_ids_resumes_without_retraining(here, capsys):
-    """Runs tagged with the cells' legacy ids (an older store) are these cells' runs."""
+    """Runs tagged with the cells' legacy ids (an older store) are these cells' runs; that store's
+    runs (made before grids had parent runs) are nested under the grid's parent, which its former
+    report run (tagged report=true) becomes."""
     store = here / "mlflow.db"
     cells = resolve_cells(load_experiments(here / "experiments.yaml"), "pair")
     assert all(c.legacy_id and c.legacy_id != c.cell_id for c in cells)  # num_classes now enters the id
@@ -110,11 +137,15 @@ def test_store_with_legacy_ids_resumes_without_retraining(here, capsys):
                                            "seed": str(c.seed)})
         client.log_metric(run.info.run_id, "final_top1_err", 50.0)
         client.set_terminated(run.info.run_id, "FINISHED")
+    report = client.create_run(exp, tags={"report": "true", "grid": "pair"}, run_name="report").info.run_id
+    client.set_terminated(report, "FINISHED")
     assert main(["--config", str(here / "experiments.yaml"), "--grid", "pair", "--tracking-uri", uri(store),
                  "--device", "cpu", "--threads", "1"]) == 0
     err = capsys.readouterr().err
     assert "grid pair: 0 finished, 2 skipped (already done)" in err, err
     assert len(cell_runs(store, "pair")) == 2
+    assert the_parent(store, "pair") == report  # no seventh row: the report run is the parent now
+    assert "report" not in client.get_run(report).data.tags and len(client.search_runs([exp])) == 3
 
 
 def test_printed_config_written_back_names_the_same_cell(here, capsys):
@@ -132,3 +163,28 @@ def test_printed_config_written_back_names_the_same_cell(here, capsys):
         path.write_text(yaml.safe_dump(back, sort_keys=False))
         (cell,) = resolve_cells(load_experiments(path), "back")
         assert cell.cell_id == row["cell_id"], (row["grid"], row["variant"])
+
+
+def test_a_run_resumed_by_another_grid_stays_under_its_own_grids_parent(here):
+    """A cell has one run per store, in the grid it was started in: resumed by another grid's worker,
+    it keeps its parent (or, made before parents, waits for its own grid's), never the other grid's."""
+    import torch
+
+    from ablations.config import with_num_classes
+    from ablations.tracking import PARENT_RUN_ID, CellRun, ensure_experiment, ensure_parent
+
+    store = uri(here / "mlflow.db")
+    client = MlflowClient(tracking_uri=store)
+    exp_a, exp_b = (ensure_experiment(client, store, g) for g in ("a", "b"))
+    parent_a, parent_b = (ensure_parent(client, store, e, g) for e, g in ((exp_a, "a"), (exp_b, "b")))
+    assert ensure_parent(client, store, exp_a, "a") == parent_a  # found again, not made twice
+    cell = resolve_cells(load_experiments(here / "experiments.yaml"), "pair")[0]
+    config = with_num_classes(cell.config, 10)
+    nested = CellRun(client, exp_a, cell, torch.device("cpu"), "synthetic", config, {PARENT_RUN_ID: parent_a})
+    nested.end("KILLED")
+    older = CellRun(client, exp_a, cell, torch.device("cpu"), "synthetic", config)  # a run from before parents
+    older.end("KILLED")
+    for run, expected in ((nested, parent_a), (older, None)):
+        CellRun(client, exp_b, cell, torch.device("cpu"), "synthetic", config, {PARENT_RUN_ID: parent_b},
+                resume_run_id=run.run_id).end("FINISHED")
+        assert client.get_run(run.run_id).data.tags.get(PARENT_RUN_ID) == expected

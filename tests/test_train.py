@@ -77,6 +77,7 @@ def test_divergence_fails_the_cell(synthetic):
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                     reason="torch.compile on a CPU needs a C++ compiler (inductor's CPU code generation)")
+@pytest.mark.slow
 def test_compiled_training_matches_eager_and_saves_plain_weights(synthetic):
     """train.compile=true: the same numbers as eager (up to float reassociation), and the weights come
     back under the model's own keys, loadable into an uncompiled model (no `_orig_mod.` prefix)."""

@@ -14,13 +14,19 @@ from ablations.util.device import resolve_device
 from ablations.util.fs import atomic_write
 from ablations.util.paths import beside_store, store_folder
 from ablations.util.procs import pid_alive
-from ablations.util.timefmt import eta, fmt_duration
+from ablations.util.timefmt import eta, fmt_duration, fmt_long
 
 
 @pytest.mark.parametrize("seconds, text", [(0, "0s"), (42.4, "42s"), (59.6, "1m00s"), (185, "3m05s"),
                                            (7620, "2h07m"), (None, "?"), (math.nan, "?"), (math.inf, "?")])
 def test_fmt_duration(seconds, text):
     assert fmt_duration(seconds) == text
+
+
+@pytest.mark.parametrize("seconds, text", [(40, "40 s"), (25 * 60, "25 min"), (5.1 * 3600, "5.1 h"),
+                                           (3.8 * 86400, "3.8 days")])
+def test_fmt_long(seconds, text):
+    assert fmt_long(seconds) == text
 
 
 def test_eta_is_the_time_left_at_the_same_pace():

@@ -185,6 +185,7 @@ def postgres_url():
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_three_workers_journal_exactly_once(workdir):
     """The launcher: `--workers 3` on one machine, the queue in the journal beside the MLflow store."""
     proc = start(workdir, *args_for(workdir, "--grid", "journal12", "--workers", "3", *FAST))
@@ -212,6 +213,7 @@ def test_three_workers_journal_exactly_once(workdir):
     assert len(runs(workdir, "journal12")) == 12
 
 
+@pytest.mark.slow
 def test_three_workers_postgres_exactly_once(workdir, postgres_url):
     """Three `worker` processes, as on three machines, sharing a PostgreSQL queue."""
     procs = [start(workdir, "worker", *args_for(workdir, "--grid", "pg12", "--storage", postgres_url, *FAST, *ONE_CORE))
@@ -226,6 +228,7 @@ def test_three_workers_postgres_exactly_once(workdir, postgres_url):
         assert "grid pg12: 12 finished, 0 skipped (already done), 0 failed, 0 not done, of 12 cells" in out
 
 
+@pytest.mark.slow
 def test_sigkilled_worker_cell_is_taken_back_and_finished_once(workdir):
     """SIGKILL one of two workers between two epochs of its cell: the other takes the cell back."""
     worker = ["worker", *args_for(workdir, "--grid", "killed", *FAST, *ONE_CORE)]
@@ -252,6 +255,7 @@ def test_sigkilled_worker_cell_is_taken_back_and_finished_once(workdir):
     assert redo[0].user_attrs["attempt"] == 0  # a dead worker does not use up a retry
 
 
+@pytest.mark.slow
 def test_failed_cell_is_retried_then_named(workdir):
     """A diverging cell fails, runs K=2 more times, stays failed; the other cell finishes; exit 1."""
     proc = start(workdir, *args_for(workdir, "--grid", "diverge", "--workers", "2", "--retries", "2", *FAST))
@@ -271,6 +275,7 @@ def test_failed_cell_is_retried_then_named(workdir):
                and "loss became" in t.user_attrs["failure_reason"] for t in bad)
 
 
+@pytest.mark.slow
 def test_ctrl_c_marks_killed_and_reruns_next_time(workdir):
     """SIGINT to the launcher: its workers mark their runs KILLED and trials interrupted; exit 130.
     The next launch runs those cells again, and only those."""

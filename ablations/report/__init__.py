@@ -5,7 +5,7 @@ Data flows one way:
     MLflow store -> runs_frame (one row per run, `mlflow.search_runs` columns)      frames
                  -> cell_runs (tidy: the FINISHED cell runs)                        frames
                  -> build_report (layout, summary, Markdown/LaTeX/CSV, figures)     layout, tables, build
-                 -> write_report (files + one `report=true` run)                    write
+                 -> write_report (files + the grid's parent run)                    write
                  -> write_index (results/README.md)                                 index
 
 The notebook `notebooks/ablation_results.ipynb` goes through the same functions, starting from

@@ -143,7 +143,7 @@ def se_runs(client: MlflowClient, grid: str, preset: str | None = None) -> list:
     latest: dict[str, object] = {}
     for run in runs_of(client, experiment.experiment_id, "attributes.status = 'FINISHED'"):
         cell = run.data.tags.get("cell_id")
-        if cell is None or not _has_se(run):  # no cell_id: e.g. the grid's report run
+        if cell is None or not _has_se(run):  # no cell_id: e.g. the grid's parent run
             continue
         if run.data.tags.get("preset", "") != (preset or ""):
             continue

@@ -1,4 +1,4 @@
-"""Writing a grid's report: its files under results/<dataset>/<grid>/ and the one `report=true` MLflow run."""
+"""Writing a grid's report: its files under results/<dataset>/<grid>/ and as artifacts of the grid's parent MLflow run."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ablations.report.build import FIGURES, GridReport, build_report
 from ablations.report.frames import metric_histories, preset_cells, runs_frame
 from ablations.report.index import write_index
 from ablations.report.paths import check_output_dir, dataset_folder, safe_name
-from ablations.tracking import runs_of
+from ablations.tracking import attach_to_parent, ensure_parent
 
 TABLE_FILES = ("table.md", "table.tex", "table.csv")
 
@@ -62,13 +62,12 @@ def save_report(report: GridReport, directory: Path, history: pd.DataFrame | Non
     return written
 
 
-def _report_run(client: MlflowClient, experiment_id: str, grid: str) -> str:
-    """The one run that holds a grid's report artifacts: found again by its tag, so reports do not pile up."""
-    found = runs_of(client, experiment_id, "tags.report = 'true'")
-    if found:
-        return sorted(found, key=lambda r: (r.info.start_time, r.info.run_id))[0].info.run_id
-    # No cell_id tag: the harness never counts this run as a cell.
-    return client.create_run(experiment_id, tags={"report": "true", "grid": grid}, run_name="report").info.run_id
+def _report_run(client: MlflowClient, tracking_uri: str, experiment_id: str, grid: str, description: str = "") -> str:
+    """The run that holds a grid's report artifacts: the grid's parent run (created once, found again
+    by its tag, so reports do not pile up), with the grid's cell runs nested under it."""
+    parent = ensure_parent(client, tracking_uri, experiment_id, grid, description)
+    attach_to_parent(client, experiment_id, parent)  # runs of a store made before grids had parents
+    return parent
 
 
 def _nothing_to_report(grid: str, preset: str | None, others: Sequence[str]) -> str:
@@ -95,10 +94,10 @@ def write_report(tracking_uri: str, grid: str, results_dir: str | Path = "result
 
     Reads only the MLflow store, and only the runs trained with `preset` (None: without one). One
     directory per dataset the grid was run on; returns the one of the latest run. The same files are
-    logged as artifacts (under <dataset>/, or presets/<preset>/<dataset>/) of the experiment's single
-    `report=true` run. Running it twice gives byte-identical files.
+    logged as artifacts (under <dataset>/, or presets/<preset>/<dataset>/) of the grid's parent run
+    (tracking.ensure_parent). Running it twice gives byte-identical files.
 
-    With no finished run (of `preset`) it writes nothing, neither files nor a report run, says so on
+    With no finished run (of `preset`) it writes nothing, neither files nor artifacts, says so on
     stderr and returns None: a check run never leaves placeholder tables beside the real results.
     """
     grid_config, exps = _grid_config(experiments, grid)
@@ -122,7 +121,7 @@ def write_report(tracking_uri: str, grid: str, results_dir: str | Path = "result
     expected = _expected_cells(exps, grid, preset)
 
     first: Path | None = None
-    run_id = _report_run(client, experiment.experiment_id, grid)
+    run_id = _report_run(client, tracking_uri, experiment.experiment_id, grid, description)
     for dataset in datasets:
         report = build_report(frame, grid, dataset, grid_config=grid_config, description=description,
                               default_dataset=default_dataset, default_arch=default_arch, preset=preset, study=study,
@@ -134,7 +133,6 @@ def write_report(tracking_uri: str, grid: str, results_dir: str | Path = "result
         where = folder if preset is None or study else f"presets/{safe_name(preset)}/{safe_name(dataset)}"
         client.log_artifacts(run_id, str(directory), artifact_path=where)
         first = first or directory
-    client.set_terminated(run_id, "FINISHED")
     return first
 
 

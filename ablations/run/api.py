@@ -18,14 +18,42 @@ from ablations.run.options import RunOptions
 Grids = Sequence[tuple[str, list[Cell]]]
 
 
-def prepare(options: RunOptions, grids: Grids) -> int:
-    """Arm the time limit, then, on a GPU, preflight the first cell's settings before any cell is
-    claimed. Returns EXIT_OK to go on, else the exit code to stop with (the cause was printed)."""
+def prepare(options: RunOptions, grids: Grids, exps: ExperimentsFile | None = None) -> int:
+    """Arm the time limit; on a CPU, warn in one line if the grids will take long here (with `exps`);
+    then, on a GPU, preflight the first cell's settings before any cell is claimed. Returns EXIT_OK
+    to go on, else the exit code to stop with (the cause was printed)."""
     from ablations.run.preflight import gate
     from ablations.run.timelimit import arm
 
     arm(options.time_limit, options.time_margin)  # a bad duration is bad input before anything runs
+    if exps is not None and not options.launched and not options.gpus:  # a launcher's workers: it warned
+        warn_if_slow_here(options, exps, grids)
     return gate(grids, device=options.device, gpus=options.gpus, tracking_uri=options.tracking_uri)
+
+
+def warn_if_slow_here(options: RunOptions, exps: ExperimentsFile, grids: Grids) -> None:
+    """The one warning line of a grid sized for a GPU started on a CPU (ablations/run/estimate.py)."""
+    import sys
+    from dataclasses import replace
+
+    from ablations.config import ConfigError
+    from ablations.run.estimate import cpu_warning
+    from ablations.util.device import resolve_device
+
+    def under(preset: str) -> Grids | None:
+        try:
+            return replace(options, preset=preset).resolve(exps)
+        except ConfigError:  # e.g. a --set that the preset's cells do not use: no size for the suggestion
+            return None
+
+    try:
+        device = resolve_device(options.device)
+    except ValueError:  # a GPU asked for where there is none: the preflight says so, not this
+        return
+    line = cpu_warning(exps, grids, device, preset=options.preset, tracking_uri=options.store,
+                       threads=options.threads, resolve=under)
+    if line:
+        print(line, file=sys.stderr, flush=True)
 
 
 def dispatch(options: RunOptions, exps: ExperimentsFile, grids: Grids, *, worker: bool = False) -> int:
@@ -56,6 +84,6 @@ def run_grids(options: RunOptions, exps: ExperimentsFile | None = None, grids: G
         exps = load_experiments(options.config)
     if grids is None:
         grids = options.resolve(exps)
-    if (code := prepare(options, grids)) != EXIT_OK:
+    if (code := prepare(options, grids, exps)) != EXIT_OK:
         return code
     return dispatch(options, exps, grids, worker=worker)

@@ -187,6 +187,10 @@ class GridQueue:
         else:  # other databases: a rare double enqueue is set aside at claim time (duplicate_of)
             yield
 
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """The queue's lock, for other once-per-grid steps of every worker (creating the grid's MLflow parent run)."""
+        return self._enqueue_lock()
+
     def reconcile(self, retries: int, reset_failed: bool = False) -> dict[str, CellStatus]:
         """Enqueue every cell that needs a (new) trial, once; return where every cell stands."""
         with self._enqueue_lock():

@@ -75,20 +75,31 @@ class EpochTimes:
     def __init__(self, client: MlflowClient) -> None:
         from ablations.tracking import runs_of
 
-        self.rows: list[tuple[str, dict[str, str], float]] = []
+        # (cell id, params, seconds, device type: 'cpu' | 'cuda' | '' when the run does not say)
+        self.rows: list[tuple[str, dict[str, str], float, str]] = []
         for exp in client.search_experiments():
             for r in runs_of(client, exp.experiment_id, "metrics.epoch_seconds > 0"):
-                self.rows.append((r.data.tags.get("cell_id", ""), r.data.params, r.data.metrics["epoch_seconds"]))
+                self.rows.append((r.data.tags.get("cell_id", ""), r.data.params, r.data.metrics["epoch_seconds"],
+                                  r.data.tags.get("device", "").split(":")[0]))
+
+    def lookup(self, cell: Cell, config: ExperimentConfig, device_type: str | None = None) -> tuple[float, str, int] | None:
+        """(median epoch seconds, 'cell' or 'backbone', runs) of this cell's runs, else of runs with the
+        same arch, batch size and training set (name and size), in any experiment of the store; with
+        `device_type`, only runs on that kind of device. None if none is measured."""
+        rows = [r for r in self.rows if device_type is None or r[3] == device_type]
+        values = [s for cid, _, s, _ in rows if cid in cell.ids]
+        if values:
+            return statistics.median(values), "cell", len(values)
+        want = {"model.arch": config.model.arch, "train.batch_size": str(config.train.batch_size),
+                "dataset.name": config.dataset.name, "dataset.train_size": str(config.dataset.train_size)}
+        values = [s for _, params, s, _ in rows if all(params.get(k) == v for k, v in want.items())]
+        return (statistics.median(values), "backbone", len(values)) if values else None
 
     def estimate(self, cell: Cell, config: ExperimentConfig) -> float | None:
         """The median epoch time of this cell's runs, else of runs with the same arch, batch size and
         training set (name and size), in any experiment of the store; None if none is measured."""
-        values = [s for cid, _, s in self.rows if cid == cell.cell_id]
-        if not values:
-            want = {"model.arch": config.model.arch, "train.batch_size": str(config.train.batch_size),
-                    "dataset.name": config.dataset.name, "dataset.train_size": str(config.dataset.train_size)}
-            values = [s for _, params, s in self.rows if all(params.get(k) == v for k, v in want.items())]
-        return statistics.median(values) if values else None
+        found = self.lookup(cell, config)
+        return found[0] if found else None
 
 
 def epochs_left(config: ExperimentConfig, resume_meta: dict | None) -> float:

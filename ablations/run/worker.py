@@ -129,7 +129,8 @@ def open_grids(options: RunOptions, exps: ExperimentsFile, grids: Sequence[tuple
 
     The storage is checked before the MLflow store is touched, so bad input writes nothing."""
     from ablations.run.reuse import attach_store
-    from ablations.tracking import client_for, ensure_experiment, reap_dead_runs
+    from ablations.tracking import (PARENT_RUN_ID, attach_to_parent, client_for, ensure_experiment, ensure_parent,
+                                    reap_dead_runs)
 
     if is_rdb(storage):
         open_storage(storage, options.heartbeat, options.grace)  # a database that cannot be reached is bad input, first
@@ -147,7 +148,12 @@ def open_grids(options: RunOptions, exps: ExperimentsFile, grids: Sequence[tuple
         attach_store(queue, client)
         if options.retries is not None:
             queue.set_retries(options.retries)
-        out.append(GridRun(queue, exp_id, {"paper_table": str(grid.paper_table)} if grid.paper_table else {}))
+        # The grid's parent run, once per store however many workers start together; every run of
+        # this process's cells (and links) is nested under it, and so are runs made before parents.
+        parent = ensure_parent(client, tracking_uri, exp_id, name, grid.description, lock=queue.lock())
+        attach_to_parent(client, exp_id, parent)
+        tags = {"paper_table": str(grid.paper_table)} if grid.paper_table else {}
+        out.append(GridRun(queue, exp_id, {**tags, PARENT_RUN_ID: parent}))
     return client, out
 
 
