@@ -375,6 +375,7 @@ def test_launcher_passes_sigusr1_to_its_workers_as_a_preemption(tmp_path):
     from ablations.run.storage import default_storage
 
     d = write_store(tmp_path / "pair")
+    MlflowClient(tracking_uri=uri(d)).search_experiments()  # the store exists first: no two creators (see below)
     # grace far above any freeze below: a frozen worker must not look dead to the other one
     launcher = start(d, "pair", "--workers", "2", "--heartbeat", "1", "--grace", "900")
     workers = freeze_each_worker_at_its_first_checkpoint(d, launcher, 2)

@@ -175,7 +175,9 @@ def test_committed_study_resumes_from_its_record_without_training_a_finished_cel
     con = sqlite3.connect(STUDY / "record.db")
     done = [g for (g,) in con.execute("select distinct name from experiments")]
     con.close()
-    grids = [g for g in committed_grids() if g in done and "missing" not in (STUDY / g / "table.md").read_text()]
+    grids = [g for g in committed_grids() if g in done and "Not finished yet" not in (STUDY / g / "table.md").read_text()]
+    if not grids:
+        pytest.skip("no grid of the committed study is finished yet")
     for grid in grids:
         capsys.readouterr()
         assert main(["--grid", grid, "--preset", "cpu", "--tracking-uri", uri(store), "--data-root", str(DATA),

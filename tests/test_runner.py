@@ -74,6 +74,9 @@ def finished(workdir: Path, grid: str) -> list:
 def first_run(workdir, mini_cifar_root):
     """Run the two-axis grid once, killing it after its first cell, then finishing it."""
     cmd = [sys.executable, str(ROOT / "run_ablation.py"), *cli(workdir, mini_cifar_root, "--grid", "two_axes")]
+    # The store exists before the grid starts: this test's own polling client never creates its tables
+    # while the grid's process does (MLflow's migrations do not take concurrent creators).
+    assert runs(workdir, "two_axes") == []
     proc = subprocess.Popen(cmd, env=env_with_cache(workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # Wait for the event (a first cell FINISHED, or the process ending), however slow the machine is.
     wait_until(lambda: finished(workdir, "two_axes") or proc.poll() is not None, "a first FINISHED cell", every=0.5)

@@ -50,8 +50,11 @@ def warn_if_slow_here(options: RunOptions, exps: ExperimentsFile, grids: Grids) 
         device = resolve_device(options.device)
     except ValueError:  # a GPU asked for where there is none: the preflight says so, not this
         return
-    line = cpu_warning(exps, grids, device, preset=options.preset, tracking_uri=options.store,
-                       threads=options.threads, resolve=under)
+    try:
+        line = cpu_warning(exps, grids, device, preset=options.preset, tracking_uri=options.store,
+                           threads=options.threads, resolve=under)
+    except Exception as exc:  # advice only: e.g. a store another process is creating right now
+        line = f"note: no time estimate ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
     if line:
         print(line, file=sys.stderr, flush=True)
 
