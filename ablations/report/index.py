@@ -14,6 +14,9 @@ def _demote(markdown: str) -> str:
     return re.sub(r"^(#+) ", r"#\1 ", markdown, flags=re.MULTILINE)
 
 
+FINDINGS = "FINDINGS.md"
+
+
 def write_index(results_dir: str | Path = "results") -> Path:
     """results/README.md: every results/<dataset>/<grid>/table.md inlined, with links to its figures."""
     root = Path(results_dir)
@@ -22,6 +25,8 @@ def write_index(results_dir: str | Path = "results") -> Path:
     lines = ["# Ablation results", "",
              "Generated from the MLflow store by `ablations.report` (`write_report` per grid, then "
              "`write_index`); do not edit by hand.", ""]
+    if (root / FINDINGS).is_file():  # written by hand, never regenerated: what the tables mean
+        lines += [f"What the results say, grid by grid, against the paper's claims: [{FINDINGS}]({FINDINGS}).", ""]
     if not tables:
         lines += ["No reports yet.", ""]
     for dataset, group in itertools.groupby(tables, key=lambda p: p.parent.parent.name):
