@@ -160,7 +160,8 @@ def test_committed_study_tables_regenerate_from_its_record_byte_for_byte(tmp_pat
     store = tmp_path / "restored.db"
     assert main(["--restore-record", str(STUDY / "record.db"), "--tracking-uri", uri(store)]) == 0
     out = tmp_path / "results"
-    assert main(["--report", "--preset", "cpu", "--tracking-uri", uri(store), "--results-dir", str(out)]) == 0
+    assert main(["--config", str(ROOT / "experiments.yaml"), "--report", "--preset", "cpu", "--tracking-uri", uri(store),
+                 "--results-dir", str(out)]) == 0
     committed = tables(STUDY)
     assert committed and tables(out / STUDY.name) == committed
 
@@ -180,6 +181,6 @@ def test_committed_study_resumes_from_its_record_without_training_a_finished_cel
         pytest.skip("no grid of the committed study is finished yet")
     for grid in grids:
         capsys.readouterr()
-        assert main(["--grid", grid, "--preset", "cpu", "--tracking-uri", uri(store), "--data-root", str(DATA),
+        assert main(["--config", str(ROOT / "experiments.yaml"), "--grid", grid, "--preset", "cpu", "--tracking-uri", uri(store), "--data-root", str(DATA),
                      "--results-dir", str(tmp_path / "results")]) == 0
         assert f"grid {grid}: 0 finished," in capsys.readouterr().err
