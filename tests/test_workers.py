@@ -7,6 +7,7 @@ Every cell must end FINISHED exactly once, whatever happens to the workers.
 from __future__ import annotations
 
 import glob
+import json
 import multiprocessing
 import os
 import pwd
@@ -128,6 +129,43 @@ def wait_for_epoch(d: Path, grid: str, procs: list[subprocess.Popen], worker: st
     return wait_until(half_done, "a cell reaching its first epoch")
 
 
+def freeze_at_checkpoint(d: Path, grid: str, proc: subprocess.Popen, worker: str) -> object:
+    """SIGSTOP `proc` once its cell of `grid` has checkpointed an epoch short of the last and return that
+    RUNNING run: the worker is then mid-cell with a checkpoint however fast this machine is. (Waiting for a
+    logged epoch was not enough: on a quiet machine the kill could land before the checkpoint was written.)"""
+    client = MlflowClient(tracking_uri=uri(d))
+
+    def mid_cell(f: Path) -> dict | None:
+        try:
+            meta = json.loads(f.read_text())  # written atomically, deleted when the cell finishes
+        except (OSError, ValueError):
+            return None
+        return meta if meta["grid"] == grid and meta["epoch"] < meta["epochs"] else None
+
+    def frozen() -> object:
+        assert proc.poll() is None, f"worker {worker} ended early:\n" + proc.stdout.read()
+        for f in (d / "checkpoints").glob("*/last.json"):
+            meta = mid_cell(f)
+            if meta is None or client.get_run(meta["run_id"]).data.tags.get("worker") != worker:
+                continue
+            proc.send_signal(signal.SIGSTOP)
+            wait_until(lambda: stopped(proc.pid), f"worker {worker} to stop")
+            # still mid-cell once stopped? (it may have gone on to finish the cell in between)
+            meta = mid_cell(f)
+            run = None if meta is None else client.get_run(meta["run_id"])
+            if run is not None and run.info.status == "RUNNING":
+                return run
+            proc.send_signal(signal.SIGCONT)
+        return None
+
+    return wait_until(frozen, f"a mid-cell checkpoint of worker {worker}", every=0.05)
+
+
+def stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped by a signal (Linux /proc)."""
+    return re.search(r"^State:\s*T", Path(f"/proc/{pid}/status").read_text(), re.M) is not None
+
+
 # ----------------------------------------------------------------------------- PostgreSQL
 
 
@@ -236,8 +274,8 @@ def test_sigkilled_worker_cell_is_taken_back_and_finished_once(workdir):
     # the victim holds a cell before the survivor starts
     wait_until(lambda: any(r.data.tags.get("worker") == "victim" for r in runs(workdir, "killed")), "the victim's first cell")
     procs.append(start(workdir, *worker, "--worker-id", "survivor"))
-    victim_run = wait_for_epoch(workdir, "killed", procs, worker="victim")
-    procs[0].send_signal(signal.SIGKILL)
+    victim_run = freeze_at_checkpoint(workdir, "killed", procs[0], "victim")
+    procs[0].send_signal(signal.SIGKILL)  # kills a stopped process too
     procs[0].communicate()  # reaps it and closes its pipe
     out = wait_for_exit(procs[1])
     assert procs[1].returncode == 0, out
