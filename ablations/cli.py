@@ -250,7 +250,12 @@ def _check_device(spec: str) -> None:
     try:
         resolve_device(spec)
     except (ValueError, RuntimeError) as exc:  # RuntimeError: torch.device() of an unknown name
-        raise ConfigError(f"--device {spec}: {str(exc).splitlines()[0].removeprefix(f'--device {spec}: ')}") from None
+        cause = str(exc).splitlines()[0].removeprefix(f"--device {spec}: ")
+        if spec.startswith("cuda"):  # the preflight's diagnosis says why: a CPU-only torch, no driver, no device
+            from ablations.run.preflight import cuda_problem
+
+            cause = cuda_problem(spec) or cause
+        raise ConfigError(f"--device {spec}: {cause}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -270,7 +270,9 @@ def test_sigterm_mid_epoch_checkpoints_and_exits_75(tmp_path, reference):
     print(f"SIGTERM -> checkpoint {latency:.2f}s later (the process's own clock), exit {proc.returncode} "
           f"{exited:.2f}s later (the test's clock, interpreter exit included), at epoch {meta['epoch']} + "
           f"{meta['step_in_epoch']} steps")
-    assert latency < 10, f"checkpointed only {latency:.2f}s after SIGTERM (one step and one save should take ~1 s)"
+    # Prompt, judged by events rather than seconds (a loaded machine makes any step slow): the signal came
+    # during epoch 2 and the checkpoint was taken there, mid-epoch, not at the epoch's end.
+    assert meta["step_in_epoch"] < meta["steps_per_epoch"], meta
     assert "preempted (SIGTERM)" in out and "partly done: r=4 seed=0 (epoch 1/4 +" in out
     (stopped,) = cell_runs(d, "one")
     assert stopped.info.status == "KILLED" and stopped.data.tags["stopped"] == "preempted"
@@ -281,10 +283,18 @@ def test_sigterm_mid_epoch_checkpoints_and_exits_75(tmp_path, reference):
     assert only.info.run_id == stopped.info.run_id and only.data.tags["resumes"] == "1"
 
 
-def _epochs_logged(d: Path) -> int:
-    """Epochs logged over every run of the grid: grows whenever an invocation made progress."""
+def _steps_trained(d: Path) -> int:
+    """Training steps done over every cell of the grid (logged epochs, or a checkpoint mid-epoch): grows
+    whenever an invocation trained at all."""
     client = MlflowClient(tracking_uri=uri(d))
-    return sum(len(client.get_metric_history(r.info.run_id, "test_top1_err")) for r in cell_runs(d, "timed"))
+    spe = GRID_FILE["defaults"]["dataset"]["train_size"] // GRID_FILE["grids"]["timed"]["train"]["batch_size"]
+    done = {r.data.tags["cell_id"]: spe * len(client.get_metric_history(r.info.run_id, "test_top1_err"))
+            for r in cell_runs(d, "timed")}
+    for f in (d / "checkpoints").glob("*/last.json"):
+        meta = json.loads(f.read_text())
+        at = meta["epoch"] * meta["steps_per_epoch"] + meta["step_in_epoch"]
+        done[meta["cell_id"]] = max(done.get(meta["cell_id"], 0), at)
+    return sum(done.values())
 
 
 def _seconds_per_step(batch: int) -> float:
@@ -317,8 +327,8 @@ def _seconds_per_step(batch: int) -> float:
 
 @pytest.mark.slow
 def test_time_limit_stops_before_it_and_repeated_runs_finish_each_cell_once(tmp_path):
-    """A grid needing several times the limit: each invocation exits 124 (stopped before its limit,
-    by its own clock) until one exits 0; then every cell has exactly one FINISHED run.
+    """A grid needing several times the limit: each invocation exits 124 (one that trained stopped before
+    its limit, by its own clock) until one exits 0; then every cell has exactly one FINISHED run.
 
     The grid's work is sized from a step time measured here, so that its training steps alone take
     about two windows on this machine (quiet or loaded, slow or fast): no first invocation can
@@ -333,8 +343,10 @@ def test_time_limit_stops_before_it_and_repeated_runs_finish_each_cell_once(tmp_
     d = tmp_path / "timed"
     d.mkdir()
     (d / "experiments.yaml").write_text(yaml.safe_dump(grid_file, sort_keys=False))
-    codes, stops = [], []
-    while True:  # three or four runs; slow, never red, on a loaded machine
+    codes, stops, idle = [], [], []
+    # Each invocation either trains or doubles the window, so this many always suffice: bounded by
+    # events, never by a deadline (a loaded machine takes more invocations, not a failure).
+    for _ in range(cells * epochs * steps_per_epoch + 10):
         done = run(d, "timed", "--time-limit", f"{limit}s", "--time-margin", str(limit // 5))
         codes.append(done.returncode)
         assert done.returncode in (0, EXIT_TIME_LIMIT), done.stderr
@@ -342,15 +354,22 @@ def test_time_limit_stops_before_it_and_repeated_runs_finish_each_cell_once(tmp_
             break
         m = re.search(r"stopped: .*, after ([\d.]+)s of the ", done.stderr)
         assert m, done.stderr
-        stops.append((float(m.group(1)), limit))
         assert "estimated time left:" in done.stderr and "run the same command again" in done.stderr
-        logged = _epochs_logged(d)
-        if logged == progress:  # start-up ate the whole window (a loaded machine): give the next run more time
+        trained = _steps_trained(d)
+        if trained == progress:
+            # Start-up (imports, store, data) ate the whole window on a loaded machine: the process stopped at
+            # its first check, having trained nothing, which may come after the limit. Give the next run more time.
+            idle.append((float(m.group(1)), limit))
             limit *= 2
-        progress = logged
-    print(f"{epochs} epochs per cell; invocations: {codes}; stopped after (s, limit): {stops}")
+        else:
+            stops.append((float(m.group(1)), limit, done.stderr))
+        progress = trained
+    print(f"{epochs} epochs per cell; invocations: {codes}; stopped after (s, limit): {[s[:2] for s in stops]}; "
+          f"start-up ate the window: {idle}")
+    assert codes[-1] == 0, f"{len(codes)} invocations and the grid is not finished: {codes}"
     assert codes[0] == EXIT_TIME_LIMIT and codes[-1] == 0
-    assert all(s < lim for s, lim in stops)
+    late = [(s, lim, err) for s, lim, err in stops if s >= lim]  # an invocation that trained stops before its limit
+    assert not late, late
     finished = [r for r in cell_runs(d, "timed") if r.info.status == "FINISHED"]
     assert len(finished) == 6 and len({r.data.tags["cell_id"] for r in finished}) == 6
     assert all(r.info.status != "RUNNING" for r in cell_runs(d, "timed"))

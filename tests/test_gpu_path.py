@@ -328,10 +328,13 @@ def test_preflight_on_cuda_without_cuda_exits_2_with_the_cause(tmp_path, _prefli
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path; this machine has CUDA")
-def test_a_grid_on_cuda_without_cuda_stops_at_the_preflight_before_any_cell(tmp_path, capsys):
+def test_a_grid_on_cuda_without_cuda_stops_before_any_cell_with_the_preflights_cause(tmp_path, capsys):
+    """The grid stops at the CLI's device check, before the preflight would run: its one line gives the
+    preflight's own diagnosis (test_preflight_on_cuda_without_cuda_exits_2_with_the_cause runs the preflight)."""
     import yaml
 
     from ablations.cli import main
+    from ablations.run.preflight import cuda_problem
 
     grids = {"defaults": {"dataset": {"name": "synthetic", "train_size": 32, "test_size": 16},
                           "model": {"arch": "resnet20"}, "train": {"epochs": 1, "batch_size": 16}, "seeds": [0]},
@@ -340,6 +343,5 @@ def test_a_grid_on_cuda_without_cuda_stops_at_the_preflight_before_any_cell(tmp_
     code = main(["--config", str(tmp_path / "experiments.yaml"), "--grid", "one", "--device", "cuda",
                  "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--results-dir", str(tmp_path / "results")])
     err = capsys.readouterr().err
-    # The CLI's own device check or the preflight, whichever comes first: one line naming CUDA, exit 2.
-    assert code == 2 and "CUDA" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and err.strip().splitlines() == [f"error: --device cuda: {cuda_problem('cuda')}"], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["experiments.yaml"]  # no store, no run, no report

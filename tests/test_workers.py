@@ -117,6 +117,18 @@ def assert_exactly_once(d: Path, grid: str, n: int) -> None:
     assert all(r.info.status != "RUNNING" for r in runs(d, grid))
 
 
+def completed_once(trials: list, n: int) -> list:
+    """The COMPLETE trials, one per cell, n of them. Any other trial may only be a claim taken back from a
+    worker whose heartbeat came late on a loaded machine (FAIL, no failure_kind, no retry used up): the cell
+    still ran to completion once, which is what these tests assert; an exact trial count would not hold."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == n and len({t.user_attrs["cell_id"] for t in complete}) == n, complete
+    others = [t for t in trials if t.state != TrialState.COMPLETE]
+    assert all(t.state == TrialState.FAIL and "failure_kind" not in t.user_attrs and t.user_attrs.get("attempt", 0) == 0
+               for t in others), [(t.number, t.state, t.user_attrs) for t in others]
+    return complete
+
+
 def wait_for_epoch(d: Path, grid: str, procs: list[subprocess.Popen], worker: str | None = None) -> object:
     """A RUNNING run (of `worker`, if given) that has logged epoch 1 of 2: a cell half done."""
     client = MlflowClient(tracking_uri=uri(d))
@@ -234,8 +246,7 @@ def test_three_workers_journal_exactly_once(workdir):
     assert re.search(r"^\[w\d\] \[journal12\] cell \d+/12", out, re.M)  # workers' own lines, prefixed
     assert "grid journal12: 12 finished, 0 skipped (already done), 0 failed, 0 not done, of 12 cells" in out
     assert (workdir / "mlflow.db.queue.journal").is_file()  # the store's own queue, named after it
-    trials = queue(workdir, "journal12").trials()
-    assert len(trials) == 12 and all(t.state == TrialState.COMPLETE for t in trials)
+    trials = completed_once(queue(workdir, "journal12").trials(), 12)
     assert len({t.user_attrs["worker"] for t in trials}) >= 2  # cells ran side by side
     by_run = {r.info.run_id: r for r in runs(workdir, "journal12")}
     for t in trials:  # trial and run point at each other
@@ -259,8 +270,7 @@ def test_three_workers_postgres_exactly_once(workdir, postgres_url):
     outs = [wait_for_exit(p) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(outs)
     assert_exactly_once(workdir, "pg12", 12)
-    trials = queue(workdir, "pg12", postgres_url).trials()
-    assert len(trials) == 12 and all(t.state == TrialState.COMPLETE for t in trials)
+    trials = completed_once(queue(workdir, "pg12", postgres_url).trials(), 12)
     assert len({t.user_attrs["pid"] for t in trials}) >= 2  # cells ran side by side
     for out in outs:
         assert "grid pg12: 12 finished, 0 skipped (already done), 0 failed, 0 not done, of 12 cells" in out
@@ -443,33 +453,43 @@ def test_default_storage_sits_beside_the_mlflow_store(tmp_path):
 
 
 def test_sqlite_store_held_locked_past_the_driver_timeout(workdir):
-    """Another writer holds the MLflow SQLite file for 6.5 s (SQLite's own wait gives up after 5 s):
-    the write still lands, once the lock is gone."""
+    """Another writer holds the MLflow SQLite file until our write has waited out SQLite's own busy
+    timeout and failed with 'database is locked' (an event, not a time): the write is retried, and it
+    lands once the lock is gone."""
     import sqlite3
     import threading
 
-    from ablations.tracking import client_for
+    from ablations.tracking import is_locked_error
 
-    client = client_for(uri(workdir))
+    client = MlflowClient(tracking_uri=uri(workdir))
     exp_id = client.create_experiment("locktest")
-    held = threading.Event()
+    holder = sqlite3.connect(workdir / "mlflow.db", timeout=30, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    locked, outcome = threading.Event(), []
 
-    def hold() -> None:
-        conn = sqlite3.connect(workdir / "mlflow.db", timeout=30)
-        conn.execute("BEGIN EXCLUSIVE")
-        held.set()
-        time.sleep(6.5)
-        conn.commit()
-        conn.close()
+    def attempt() -> None:  # what RetryingClient does for every call of a sqlite store's client
+        try:
+            client.set_experiment_tag(exp_id, "written", "after the lock")
+        except Exception as exc:
+            if is_locked_error(exc):
+                locked.set()
+            raise
 
-    holder = threading.Thread(target=hold)
-    holder.start()
-    held.wait()
-    start_t = time.perf_counter()
-    client.set_experiment_tag(exp_id, "written", "after the lock")
-    waited = time.perf_counter() - start_t
-    holder.join()
-    assert waited > 5.5  # it did hit 'database is locked' and retried past it
+    def write() -> None:
+        try:
+            outcome.append(retry_locked(attempt))
+        except BaseException as exc:  # reported by the assertion below
+            outcome.append(exc)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert locked.wait(SAFETY_TIMEOUT), "timeout: the write never reported 'database is locked'"
+    finally:
+        holder.commit()
+        holder.close()
+    writer.join(SAFETY_TIMEOUT)
+    assert not writer.is_alive() and outcome == [None], outcome
     assert MlflowClient(tracking_uri=uri(workdir)).get_experiment(exp_id).tags["written"] == "after the lock"
 
 

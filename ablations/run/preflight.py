@@ -35,7 +35,7 @@ class PreflightFailed(Exception):
     """The cause, in one line."""
 
 
-def _cuda_problem(spec: str) -> str | None:
+def cuda_problem(spec: str) -> str | None:
     """Why `spec` (a cuda device) cannot be used, or None."""
     if torch.version.cuda is None:
         return f"no CUDA: this torch ({torch.__version__}) is a CPU-only build; install a CUDA build of torch"
@@ -137,7 +137,7 @@ def preflight(device_spec: str, config=None, tracking_uri: str | None = None) ->
 
     t0 = time.perf_counter()
     if device_spec.startswith("cuda") or device_spec == "auto":
-        problem = _cuda_problem("cuda" if device_spec == "auto" else device_spec)
+        problem = cuda_problem("cuda" if device_spec == "auto" else device_spec)
         if problem:
             raise PreflightFailed(problem)
     device = torch.device("cuda" if device_spec == "auto" else device_spec)
