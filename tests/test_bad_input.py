@@ -146,7 +146,9 @@ def test_unknown_device_is_bad_input(work, capsys):
         pytest.skip("this machine has CUDA: --device cuda is no mistake here")
     line = bad_input(capsys, ["--config", "exp.yaml", "--grid", "tiny", "--device", "cuda",
                               "--tracking-uri", f"sqlite:///{work}/mlflow.db"], work)
-    assert line == "error: --device cuda: CUDA is not available on this machine"
+    from ablations.run.preflight import cuda_problem
+
+    assert line == f"error: --device cuda: {cuda_problem('cuda')}"  # the preflight's diagnosis: why there is none
 
 
 # ----------------------------------------------------------------------------- 2 results folder
