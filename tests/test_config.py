@@ -284,6 +284,37 @@ def test_resolve_cells_errors(shipped):
     assert err(seeds=[]).startswith("--seeds:")
 
 
+def _dry_run_configs(capsys, *args: str) -> list[dict]:
+    """The configs `--dry-run --json` resolves, one per cell, through the command line in this process."""
+    from ablations.cli import main
+
+    assert main(["--config", str(SHIPPED), "--dry-run", "--json", "--device", "cpu", "--seeds", "0", *args]) == 0
+    return [row["config"] for row in json.loads(capsys.readouterr().out)]
+
+
+def test_a_later_set_of_a_sub_key_merges_into_an_earlier_mapping(capsys):
+    """The README's pair in either order: the mapping's other keys stay, the sub-key is the later one's."""
+    mapping = "dataset={name: imagewoof, root: data/imagewoof2-320}"
+    for sets in ([mapping, "dataset.image_size=128"], ["dataset.image_size=128", mapping]):
+        configs = _dry_run_configs(capsys, "--grid", "imagenet_reduction", *(a for s in sets for a in ("--set", s)))
+        assert len(configs) == 6
+        assert {(c["dataset"]["name"], c["dataset"]["root"], c["dataset"]["image_size"]) for c in configs} == {
+            ("imagewoof", "data/imagewoof2-320", 128)}  # the mapping has no image_size: it merges either way
+
+
+def test_a_set_whose_every_key_later_sets_replace_is_an_error(shipped):
+    """Only when each key an earlier --set gave is overwritten does it reach no cell."""
+    with pytest.raises(ConfigError) as info:
+        resolve_cells(shipped, "imagenet_reduction",
+                      sets=["dataset={name: imagewoof, image_size: 128}", "dataset.name=imagenette", "dataset.image_size=224"])
+    assert str(info.value) == ("--set dataset={name: imagewoof, image_size: 128}: no cell of grid imagenet_reduction "
+                               "uses it: the later --set dataset.image_size=224 replaces it")
+    # one key left standing is enough
+    (cell,) = resolve_cells(shipped, "imagenet_reduction", seeds=[0],
+                            sets=["dataset={name: imagewoof, image_size: 128}", "dataset.name=imagenette"])[:1]
+    assert (cell.config.dataset.name, cell.config.dataset.image_size) == ("imagenette", 128)
+
+
 def test_preset_blamed(tmp_path):
     # the preset is fine on the defaults (checked at load) but clashes with grid g's warmup
     text = LAYERED.replace("batch_size: 16}", "batch_size: 16, epochs: 2}").replace("momentum: 0.8,", "momentum: 0.8, warmup_epochs: 2,")
