@@ -200,7 +200,7 @@ def test_stop_mid_epoch_then_resume_is_bit_exact(tmp_path):
     cpu = torch.device("cpu")
     whole = train(cfg, _fresh_model(cfg), data, cpu)
 
-    path, polls = tmp_path / "c" / "last.pt", []
+    folder, polls = tmp_path / "c", []
 
     def stop_at_step_2_of_epoch_2():  # polled after each of 4 steps and at the epoch's end: the 7th poll
         polls.append(1)
@@ -208,10 +208,12 @@ def test_stop_mid_epoch_then_resume_is_bit_exact(tmp_path):
 
     with pytest.raises(TrainingStopped) as stopped:
         train(cfg, _fresh_model(cfg), data, cpu, should_stop=stop_at_step_2_of_epoch_2,
-              on_checkpoint=lambda state: ckpt.save(path, state))
+              on_checkpoint=lambda state: ckpt.save(folder, state))
     assert (stopped.value.epoch, stopped.value.step_in_epoch, stopped.value.exit_code) == (1, 2, EXIT_PREEMPTED)
-    assert not list(path.parent.glob(".*.tmp"))  # renamed into place, nothing left behind
-    state = ckpt.load(path)  # weights_only=True
+    assert not list(folder.glob(".*.tmp"))  # renamed into place, nothing left behind
+    # two saves (end of epoch 1, the stop): one state file is left, the one the manifest names
+    assert [p.name for p in folder.glob("*.pt")] == [json.loads((folder / "last.json").read_text())["state_file"]]
+    state = ckpt.load(folder)  # weights_only=True
     assert (state["epoch"], state["step_in_epoch"], state["global_step"], len(state["history"])) == (1, 2, 6, 1)
     assert state["partial"]["seen"] == 32
 
@@ -269,7 +271,7 @@ def test_sigterm_mid_epoch_checkpoints_and_exits_75(tmp_path, reference):
     assert proc.returncode == EXIT_PREEMPTED, out
     meta = checkpoint_meta(d)
     assert meta["epoch"] == 1 and 1 <= meta["step_in_epoch"] <= meta["steps_per_epoch"] == 16, meta
-    saved_after = (d / "checkpoints" / meta["cell_id"] / "last.pt").stat().st_mtime - meta["saved_at"]
+    saved_after = (d / "checkpoints" / meta["cell_id"] / meta["state_file"]).stat().st_mtime - meta["saved_at"]
     assert abs(saved_after) < 5  # the metadata describes this very file
     latency = float(re.search(r"checkpoint at epoch 1 \+ \d+ steps ([\d.]+)s after the signal", out).group(1))
     print(f"SIGTERM -> checkpoint {latency:.2f}s later (the process's own clock), exit {proc.returncode} "
@@ -499,9 +501,14 @@ class _InProcessCell:
         from ablations.run.progress import GridProgress
         from ablations.run.runner import execute_cell
 
-        return execute_cell(self.cell, self.data, self.client, self.experiment_id, torch.device("cpu"),
-                            GridProgress("one", 1, stream=io.StringIO(), live=False), guard=guard,
-                            checkpoints=self.checkpoints)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as a `--threads 1` worker: a loaded 2-core machine is not oversubscribed
+        try:
+            return execute_cell(self.cell, self.data, self.client, self.experiment_id, torch.device("cpu"),
+                                GridProgress("one", 1, stream=io.StringIO(), live=False), guard=guard,
+                                checkpoints=self.checkpoints)
+        finally:
+            torch.set_num_threads(threads)
 
     def preempted_after_first_checkpoint(self) -> str:
         """Run the cell until its epoch-1 checkpoint exists, then SIGTERM this process (what a preemption
@@ -576,7 +583,7 @@ def test_a_store_down_past_the_retries_stops_the_cell_and_keeps_its_checkpoint(t
 # middle of writing the state, its temporary file open; `die_in_meta`: the kernel kills it (SIGXFSZ, a file
 # size limit) while it writes the metadata, the state already written.
 SAVER = """
-import os, resource, signal, sys
+import collections, os, resource, signal, sys
 from pathlib import Path
 
 import torch
@@ -587,7 +594,7 @@ from ablations.train import checkpoint as ckpt
 class PauseHere:
     def __reduce__(self):
         os.kill(os.getpid(), signal.SIGSTOP)
-        return (int, (0,))
+        return (collections.OrderedDict, ())  # what a weights_only load accepts
 
 
 folder, epoch, how = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -599,7 +606,7 @@ elif how == "die_in_meta":
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it: the write would just fail
     resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, resource.RLIM_INFINITY))
     meta["note"] = "x" * (4 << 20)
-ckpt.save(folder / "last.pt", state, meta)
+ckpt.save(folder, state, meta)
 """
 
 
@@ -630,11 +637,11 @@ def _state(epoch: int) -> dict:
 
 @pytest.mark.slow
 def test_the_next_save_removes_what_a_killed_save_left_and_keeps_live_writers_files(tmp_path):
-    """A save SIGKILLed midway leaves its temporary file (a checkpoint's size); the next save of that cell
+    """A save SIGKILLed midway leaves its temporary file behind; the next save of that cell
     removes it. The temporary files of live writers (of this cell, of another cell) stay."""
     root = tmp_path / "checkpoints"
     mine, other = root / "cell_a", root / "cell_b"
-    ckpt.save(mine / "last.pt", _state(1), {"epoch": 1})
+    ckpt.save(mine, _state(1), {"epoch": 1})
     dead = _paused_saver(mine, 2)
     dead.kill()
     dead.communicate()
@@ -645,7 +652,7 @@ def test_the_next_save_removes_what_a_killed_save_left_and_keeps_live_writers_fi
     assert len(live) == 1 and len(_temps(other)) == 1
     other_before = _temps(other)
 
-    ckpt.save(mine / "last.pt", _state(4), {"epoch": 4})  # the next save of this cell
+    ckpt.save(mine, _state(4), {"epoch": 4})  # the next save of this cell
     assert _temps(mine) == live, "the dead writer's temporary file is still there, or a live writer's is gone"
     assert _temps(other) == other_before  # another cell's folder is not this save's to tidy
 
@@ -655,7 +662,7 @@ def test_the_next_save_removes_what_a_killed_save_left_and_keeps_live_writers_fi
         assert proc.returncode == 0, out
     for folder, epoch in ((mine, 3), (other, 1)):
         assert not _temps(folder)
-        assert ckpt.load(folder / "last.pt")["epoch"] == epoch == json.loads((folder / "last.json").read_text())["epoch"]
+        assert ckpt.load(folder)["epoch"] == epoch == json.loads((folder / "last.json").read_text())["epoch"]
 
 
 @pytest.mark.slow
@@ -671,9 +678,61 @@ def test_a_save_killed_between_state_and_metadata_leaves_one_consistent_checkpoi
     out, _ = killed.communicate(timeout=WAIT)
     assert killed.returncode == -signal.SIGXFSZ, out
     meta = json.loads((folder / "last.json").read_text())
-    state = ckpt.load(folder / "last.pt")
+    state = ckpt.load(folder)
     assert state["epoch"] == meta["epoch"], f"the state is of epoch {state['epoch']}, its metadata says {meta['epoch']}"
 
-    ckpt.save(folder / "last.pt", _state(3), {"epoch": 3})
+    ckpt.save(folder, _state(3), {"epoch": 3})
     assert not _temps(folder) and len(list(folder.glob("*.pt"))) == 1
-    assert ckpt.load(folder / "last.pt")["epoch"] == 3 == json.loads((folder / "last.json").read_text())["epoch"]
+    assert ckpt.load(folder)["epoch"] == 3 == json.loads((folder / "last.json").read_text())["epoch"]
+
+
+def _as_before_manifests(folder: Path) -> None:
+    """Rewrite the checkpoint in `folder` as checkpoints were written before manifests (a study started
+    on an older version, up to f9b81bc): its state in `last.pt`, its metadata in `last.json` beside it."""
+    meta = json.loads((folder / "last.json").read_text())
+    (folder / meta.pop("state_file")).rename(folder / "last.pt")
+    (folder / "last.json").write_text(json.dumps(meta, sort_keys=True))
+
+
+def test_a_checkpoint_written_before_manifests_loads_and_the_next_save_replaces_it(tmp_path):
+    checkpoints = ckpt.Checkpoints(tmp_path / "checkpoints")
+    folder = checkpoints.folder("cell")
+    ckpt.save(folder, _state(1), {"epoch": 1, "run_id": "r1"})
+    _as_before_manifests(folder)
+    assert sorted(f.name for f in folder.iterdir()) == ["last.json", "last.pt"]
+    assert checkpoints.exists("cell") and checkpoints.meta("cell") == {"epoch": 1, "run_id": "r1"}
+    assert ckpt.load(folder)["epoch"] == 1
+    (folder / "last.json").unlink()  # a kill between the two files of the old format: the state alone still loads
+    assert checkpoints.exists("cell") and checkpoints.meta("cell") is None and ckpt.load(folder)["epoch"] == 1
+
+    ckpt.save(folder, _state(2), {"epoch": 2, "run_id": "r1"})
+    (state,) = folder.glob("*.pt")
+    assert state.name != "last.pt" and checkpoints.meta("cell") == {"epoch": 2, "run_id": "r1", "state_file": state.name}
+    assert sorted(f.name for f in folder.iterdir()) == sorted(["last.json", state.name])
+    checkpoints.discard("cell")
+    assert not folder.exists() and not checkpoints.exists("cell") and checkpoints.meta("cell") is None
+
+
+@pytest.mark.slow
+def test_a_cell_checkpointed_before_manifests_resumes_in_its_run(tmp_path):
+    """A study's checkpoint in the older format (`last.pt` + `last.json`) is resumed in its run; its
+    first new checkpoint replaces the old files."""
+    cell = _InProcessCell(tmp_path / "legacy")
+    stopped_run = cell.preempted_after_first_checkpoint()
+    _as_before_manifests(cell.folder)
+    meta = cell.checkpoints.meta(cell.cell.cell_id)
+    assert meta["run_id"] == stopped_run and meta["epoch"] == 1 and meta["step_in_epoch"] > 0
+    at_the_end: list[list[str]] = []
+
+    def look_at_the_end(final: bool) -> None:
+        if final:  # the cell trained to the end: its checkpoint is still there, it goes once the run is FINISHED
+            at_the_end.append(sorted(f.name for f in cell.folder.iterdir()))
+
+    result = cell.execute(guard=look_at_the_end)
+    assert result.status == "FINISHED" and result.run_id == stopped_run, result
+    (only,) = cell_runs(cell.d, "one")
+    assert only.data.tags["resumes"] == "1"
+    assert [m.step for m in cell.client.get_metric_history(stopped_run, "train_loss")] == [1, 2, 3, 4]
+    ((manifest, state),) = at_the_end
+    assert manifest == "last.json" and state.startswith("state-") and state.endswith(".pt")
+    assert not cell.folder.exists()

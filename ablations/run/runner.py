@@ -130,7 +130,7 @@ def run_cell(cell: Cell, config: ExperimentConfig, data: Dataset, run: CellRun, 
             meta = {"run_id": run.run_id, "cell_id": cell.cell_id, "grid": cell.grid, "variant": cell.variant,
                     "seed": cell.seed, "epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"],
                     "steps_per_epoch": steps, "epochs": config.train.epochs, "saved_at": time.time()}
-            ckpt.save(checkpoints.path(cell.cell_id), {**state, "run_id": run.run_id, "cell_id": cell.cell_id}, meta)
+            ckpt.save(checkpoints.folder(cell.cell_id), {**state, "run_id": run.run_id, "cell_id": cell.cell_id}, meta)
 
     if resume is not None:
         where = f"epoch {resume['epoch']}" + (f" + {resume['step_in_epoch']} steps" if resume["step_in_epoch"] else "")
@@ -158,15 +158,15 @@ def resumable(client: MlflowClient, cell: Cell, checkpoints: Checkpoints) -> dic
     A cell has one checkpoint per store (under its id, or its legacy id in an older store), whichever
     grid's worker took it: its run is resumed where it was started, in that grid's experiment."""
 
-    cid = next((cid for cid in cell.ids if checkpoints.path(cid).is_file()), None)
+    cid = next((cid for cid in cell.ids if checkpoints.exists(cid)), None)
     if cid is None:
         return None
-    path = checkpoints.path(cid)
+    path = checkpoints.folder(cid)
     try:
         state = ckpt.load(path)
         run = client.get_run(state["run_id"])
     except Exception as exc:  # unreadable, or its run is gone: start afresh (the file is overwritten)
-        print(f"warning: checkpoint {path} not used ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
+        print(f"warning: checkpoint in {path} not used ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
         return None
     status, tags = run.info.status, run.data.tags
     if state.get("cell_id") != cid or run.info.lifecycle_stage == "deleted":
