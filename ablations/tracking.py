@@ -19,6 +19,7 @@ import random
 import socket
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -153,6 +154,48 @@ def retry_locked(fn: Callable[..., T], *args: Any, budget: float = LOCK_RETRY_SE
                 raise
         time.sleep(delay * random.uniform(0.5, 1.5))  # jitter: writers that collided don't collide again
         delay = min(2 * delay, 2.0)
+
+
+STORE_OUTAGE_SECONDS = 300.0  # how long a call that cannot reach the store is retried before it gives up
+
+
+class StoreUnreachable(Exception):
+    """The tracking store could not be reached through every retry (the message names the last error)."""
+
+
+# What a store answers (the run is not there, the id is malformed), as opposed to failing to answer.
+_ANSWERS = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
+
+
+def is_store_answer(exc: BaseException) -> bool:
+    """Whether `exc` is the store's answer to a request, rather than the store not answering (a
+    locked or missing database file, a server down or overloaded, a network error)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.error_code in _ANSWERS
+
+
+def retry_outage(fn: Callable[..., T], *args: Any, what: str, budget: float | None = None, **kwargs: Any) -> T:
+    """Call `fn`, retrying with jittered exponential backoff (1 s up to 30 s) while the store does not
+    answer, for up to `budget` seconds (STORE_OUTAGE_SECONDS); then raise StoreUnreachable. The store's
+    answers (`is_store_answer`) are raised as they are. Each failure is one line on stderr naming `what`."""
+    budget = STORE_OUTAGE_SECONDS if budget is None else budget
+    delay, deadline = 1.0, time.monotonic() + budget
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if is_store_answer(exc):
+                raise
+            text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StoreUnreachable(f"tracking store unreachable for {budget:.0f}s ({what}): {text}") from exc
+        pause = min(delay * random.uniform(0.5, 1.5), left)  # jitter: workers that met the outage together spread out
+        print(f"warning: tracking store unreachable ({what}): {text}; retrying in {pause:.1f}s "
+              f"(giving up after {budget:.0f}s)", file=sys.stderr, flush=True)
+        time.sleep(pause)
+        delay = min(2 * delay, 30.0)
 
 
 class RetryingClient:

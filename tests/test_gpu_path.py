@@ -300,13 +300,17 @@ def test_preflight_trains_one_step_and_writes_the_store(tmp_path, _preflight):
     from ablations.run.preflight import _store_write
 
     client = MlflowClient(f"sqlite:///{db}")
-    exp = client.get_experiment_by_name("_preflight")
+
+    def probes() -> list:
+        return [e for e in client.search_experiments(view_type=ViewType.ALL) if e.name.startswith("_preflight-")]
+
+    (exp,) = probes()  # the probe's own experiment
     runs = client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL)
     assert len(runs) == 1 and runs[0].info.lifecycle_stage == "deleted"  # written, then out of the way
-    assert exp.lifecycle_stage == "deleted" and "_preflight" not in {e.name for e in client.search_experiments()}
-    _store_write(f"sqlite:///{db}")  # the next preflight on the same store restores, writes, deletes again
-    assert len(client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL)) == 2
-    assert client.get_experiment(exp.experiment_id).lifecycle_stage == "deleted"
+    assert exp.lifecycle_stage == "deleted" and {e.name for e in client.search_experiments()} == {"Default"}
+    _store_write(f"sqlite:///{db}")  # the next preflight writes its own and deletes it: nothing shared
+    assert len(probes()) == 2 and all(e.lifecycle_stage == "deleted" for e in probes())
+    assert {e.name for e in client.search_experiments()} == {"Default"}
 
 
 def test_preflight_names_an_unwritable_store_in_one_line(tmp_path, _preflight):

@@ -61,6 +61,9 @@ GRID_FILE = {
         "diverge": {"description": "one cell diverges (NaN within 4 steps)", "axes": {"train.lr": [0.05, 1.0e+12]},
                     "dataset": {"train_size": 128}, "seeds": [0]},
         "unit": {"description": "queue tests (nothing trains)", "axes": {"model.se.reduction": [4, 8, 16]}},
+        # a SLURM array of 6 tasks on a store of its own (cells of their own all the same)
+        "slurm6": {"description": "6 array tasks start together", "axes": {"model.se.reduction": [4, 8, 16]},
+                   "dataset": {"test_size": 24}, "seeds": [0, 1]},
     },
 }
 FAST = ["--heartbeat", "1", "--grace", "4"]  # a dead worker's cell is taken back within seconds
@@ -349,6 +352,32 @@ def test_ctrl_c_marks_killed_and_reruns_next_time(workdir):
     for run in killed:
         again = by_id[run.info.run_id]
         assert (again.info.status, again.data.tags.get("resumes")) in (("FINISHED", "1"), ("KILLED", None))
+
+
+@pytest.mark.slow
+def test_slurm_array_starting_together_passes_its_preflights_and_runs_each_cell_once(tmp_path):
+    """Six array tasks start at once on one fresh store: each does what a task does on its GPU node,
+    the preflight (one step and one store write) and then `run_ablation.py worker`. On a CPU the worker
+    skips its preflight, so each task runs `python -m ablations.run.preflight` before it, as its gate
+    would. Every task passes (a preflight exit 2 is not requeued by the README's script) and every cell
+    runs exactly once."""
+    d = tmp_path / "array"
+    d.mkdir()
+    (d / "experiments.yaml").write_text(yaml.safe_dump(GRID_FILE, sort_keys=False))
+    MlflowClient(tracking_uri=uri(d)).search_experiments()  # MLflow's migrations take one creator: tables first
+    preflight = shlex.join([sys.executable, "-m", "ablations.run.preflight", "--device", "cpu", "--tracking-uri", uri(d)])
+    worker = shlex.join([sys.executable, str(ROOT / "run_ablation.py"), "worker",
+                         *args_for(d, "--grid", "slurm6", "--heartbeat", "1", "--grace", "60", *ONE_CORE)])
+    task = f"{preflight} || exit $?; exec {worker}"
+    tasks = [subprocess.Popen(["sh", "-c", task], cwd=d, env={**env(d), "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(6)]
+    outs = [wait_for_exit(p) for p in tasks]
+    failed = [f"task {i} exit {p.returncode}:\n{out}" for i, (p, out) in enumerate(zip(tasks, outs)) if p.returncode != 0]
+    assert not failed, "\n".join(failed)
+    assert all("preflight ok on cpu" in out and "MLflow write ok" in out for out in outs)
+    assert_exactly_once(d, "slurm6", 6)
+    client = MlflowClient(tracking_uri=uri(d))  # the probes leave nothing the report or the UI would list
+    assert {e.name for e in client.search_experiments()} == {"Default", "slurm6"}
 
 
 # ----------------------------------------------------------------------------- the queue itself

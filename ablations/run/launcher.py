@@ -21,6 +21,7 @@ from ablations.train.checkpoint import STOP
 from ablations.run.worker import open_grids
 from ablations.run.options import RunOptions, gpus_for, worker_slots
 from ablations.run.output import summary
+from ablations.run.runner import STORE_UNREACHABLE
 from ablations.util.timefmt import eta, fmt_duration
 
 
@@ -45,7 +46,7 @@ class GridMonitor:
         left = eta(time.perf_counter() - self.start, (done - self.done0) / max(1, total - self.done0))
         for t in ended:
             what = "FINISHED" if t.state == TrialState.COMPLETE else (
-                "STOPPED" if t.user_attrs.get("failure_kind") in ("preempted", "time_limit") else "FAILED")
+                "STOPPED" if t.user_attrs.get("failure_kind") in ("preempted", "time_limit", STORE_UNREACHABLE) else "FAILED")
             detail = (f"top-1 err {t.value:.2f}%" if t.state == TrialState.COMPLETE and t.value == t.value
                       else t.user_attrs.get("failure_reason", "worker stopped (heartbeat lost)"))
             if t.state == TrialState.FAIL and statuses.get(t.user_attrs.get("cell_id", ""), CellStatus("x")).state != "failed":

@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import socket
 import sys
 import time
+import uuid
 from typing import Sequence
 
 import torch
@@ -108,19 +110,18 @@ def _training_step(config, device: torch.device) -> str:
 
 
 def _store_write(tracking_uri: str) -> None:
-    """Write one run into a preflight experiment, then delete both: the store takes writes, and
-    `--report` (every experiment in the store) and the MLflow UI never see them."""
-    try:
-        from mlflow import MlflowClient
+    """Write one run into an experiment of this process's own, then delete both: the store takes writes,
+    and `--report` (every experiment in the store) and the MLflow UI never see them.
 
-        client = MlflowClient(tracking_uri)
-        found = client.get_experiment_by_name(PREFLIGHT_EXPERIMENT)
-        if found is None:
-            exp_id = client.create_experiment(PREFLIGHT_EXPERIMENT)
-        else:
-            exp_id = found.experiment_id
-            if found.lifecycle_stage == "deleted":
-                client.restore_experiment(exp_id)
+    The experiment is this probe's alone (named after the host, the process and a random token): the
+    tasks of a job array start together, and a shared one would be created, deleted and restored by
+    all of them at once, failing some. A busy SQLite store is waited for, as every write of a grid is."""
+    try:
+        from ablations.tracking import client_for
+
+        client = client_for(tracking_uri)
+        name = f"{PREFLIGHT_EXPERIMENT}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        exp_id = client.create_experiment(name)
         run = client.create_run(exp_id, tags={"preflight": "1"})
         client.log_metric(run.info.run_id, "preflight", 1.0)
         client.set_terminated(run.info.run_id, "FINISHED")

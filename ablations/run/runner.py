@@ -18,11 +18,16 @@ from ablations.train.checkpoint import STOP, Checkpoints, TrainingStopped
 from ablations.config import Cell, ConfigError, DatasetConfig, ExperimentConfig, with_num_classes
 from ablations.data import Dataset, DataError, load_dataset
 from ablations.run.progress import GridProgress
-from ablations.tracking import CellRun
+from ablations.tracking import CellRun, StoreUnreachable, retry_outage
 from ablations.train import CellFailed, EpochStats, seed_everything, train
 from ablations.util.procs import pid_alive
 from ablations.util.timefmt import fmt_duration
 from senet import build_model, complexity, se_blocks
+
+# A stop kind: the store did not answer when the cell was to start (a temporary failure, exit 75 as a
+# preemption: the README's SLURM script requeues it); nothing was started or changed.
+STORE_UNREACHABLE = "store_unreachable"
+
 
 class CellAborted(Exception):
     """Stops a cell from outside (e.g. a worker lost its claim on it); its run is marked KILLED."""
@@ -31,13 +36,14 @@ class CellAborted(Exception):
 @dataclass
 class CellResult:
     # FINISHED, FAILED, KILLED (aborted), or STOPPED: preempted or out of time, checkpointed (its run
-    # KILLED, resumable) or not started (run_id ""); Ctrl-C is re-raised instead
+    # KILLED, resumable) or not started (run_id ""), or the store unreachable at its start (not started,
+    # its checkpoint kept); Ctrl-C is re-raised instead
     status: str
     run_id: str
     reason: str = ""
     final: dict[str, float] = field(default_factory=dict)
-    exit_code: int = 0  # STOPPED: EXIT_PREEMPTED or EXIT_TIME_LIMIT
-    kind: str = ""  # STOPPED: 'preempted' or 'time_limit'
+    exit_code: int = 0  # STOPPED: EXIT_PREEMPTED (also when the store is unreachable) or EXIT_TIME_LIMIT
+    kind: str = ""  # STOPPED: 'preempted', 'time_limit' or STORE_UNREACHABLE
 
 
 def dataset_key(ds: DatasetConfig) -> str:
@@ -130,7 +136,7 @@ def run_cell(cell: Cell, config: ExperimentConfig, data: Dataset, run: CellRun, 
             meta = {"run_id": run.run_id, "cell_id": cell.cell_id, "grid": cell.grid, "variant": cell.variant,
                     "seed": cell.seed, "epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"],
                     "steps_per_epoch": steps, "epochs": config.train.epochs, "saved_at": time.time()}
-            ckpt.save(checkpoints.path(cell.cell_id), {**state, "run_id": run.run_id, "cell_id": cell.cell_id}, meta)
+            ckpt.save(checkpoints.folder(cell.cell_id), {**state, "run_id": run.run_id, "cell_id": cell.cell_id}, meta)
 
     if resume is not None:
         where = f"epoch {resume['epoch']}" + (f" + {resume['step_in_epoch']} steps" if resume["step_in_epoch"] else "")
@@ -156,17 +162,28 @@ def resumable(client: MlflowClient, cell: Cell, checkpoints: Checkpoints) -> dic
     KILLED (Ctrl-C, preempted, out of time, a dead worker), or RUNNING with its process gone from
     this host. A checkpoint of a FINISHED or FAILED run is stale: it is deleted (unless kept).
     A cell has one checkpoint per store (under its id, or its legacy id in an older store), whichever
-    grid's worker took it: its run is resumed where it was started, in that grid's experiment."""
+    grid's worker took it: its run is resumed where it was started, in that grid's experiment.
 
-    cid = next((cid for cid in cell.ids if checkpoints.path(cid).is_file()), None)
+    Only the store's own answer that the run is gone lets the cell start afresh (its checkpoint then
+    overwritten): a store that does not answer is retried with backoff (`retry_outage`), and if it stays
+    down StoreUnreachable is raised with the checkpoint untouched."""
+
+    cid = next((cid for cid in cell.ids if checkpoints.exists(cid)), None)
     if cid is None:
         return None
-    path = checkpoints.path(cid)
+    folder = checkpoints.folder(cid)
     try:
-        state = ckpt.load(path)
-        run = client.get_run(state["run_id"])
-    except Exception as exc:  # unreadable, or its run is gone: start afresh (the file is overwritten)
-        print(f"warning: checkpoint {path} not used ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
+        state = ckpt.load(folder)
+    except Exception as exc:  # unreadable: nothing to continue from (the next save replaces it)
+        print(f"warning: checkpoint in {folder} not used ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
+        return None
+    try:
+        run = retry_outage(client.get_run, state["run_id"], what=f"the run of the checkpoint in {folder}")
+    except StoreUnreachable:
+        raise
+    except Exception as exc:  # the store says the run is not there: start afresh
+        print(f"warning: checkpoint in {folder} not used, its run is gone ({type(exc).__name__}: {str(exc)[:200]})",
+              file=sys.stderr)
         return None
     status, tags = run.info.status, run.data.tags
     if state.get("cell_id") != cid or run.info.lifecycle_stage == "deleted":
@@ -202,7 +219,12 @@ def execute_cell(cell: Cell, data: Dataset, client: MlflowClient, experiment_id:
     config = with_num_classes(cell.config, len(data.classes))
     if (why := STOP.check()) is not None:
         return CellResult("STOPPED", "", f"{why[1]}; not started", exit_code=ckpt.exit_code_for(why[0]), kind=why[0])
-    resume = resumable(client, cell, checkpoints) if checkpoints is not None else None
+    try:
+        resume = resumable(client, cell, checkpoints) if checkpoints is not None else None
+    except StoreUnreachable as exc:  # nothing started: the cell is left as it was, to be resumed later
+        reason = f"{exc}; not started, its checkpoint kept for the next run"
+        progress.note(f"[{cell.grid}] {cell.variant} seed={cell.seed}: {reason}")
+        return CellResult("STOPPED", "", reason, exit_code=ckpt.exit_code_for(STORE_UNREACHABLE), kind=STORE_UNREACHABLE)
     refusal = refuse_to_start(client, cell, config, resume, len(data.train.labels))
     if refusal is not None:
         reason = f"time limit {fmt_duration(STOP.limit)}: not starting {cell.variant} seed={cell.seed}, {refusal}"
