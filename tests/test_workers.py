@@ -452,6 +452,7 @@ def test_stale_trial_is_taken_back_and_lost_claim_stops_the_cell(workdir, tmp_pa
     silent = q.claim()
     H.beat(q, silent)  # a worker that dies after its first heartbeat
     hb = H.Heartbeat(q, q.claim())  # a live one: its beats keep its trial
+    assert H.reap_stale(q) == []  # a first look: a heartbeat's age is timed from it, on this reader's clock
     time.sleep(3)
     taken = H.reap_stale(q)
     assert [t.number for t in taken] == [silent.number]

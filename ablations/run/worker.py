@@ -11,6 +11,7 @@ many processes and grids work on it and however they were started. docs/distribu
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -27,7 +28,7 @@ from ablations.run.cellqueue import CellStatus, GridQueue, count, settled
 from ablations.train.checkpoint import STOP, exit_code_for
 from ablations.errors import EXIT_TIME_LIMIT
 from ablations.config import Cell, ExperimentsFile
-from ablations.run.heartbeat import Heartbeat, reap_stale
+from ablations.run.heartbeat import Heartbeat, owner_attrs, reap_stale
 from ablations.run.storage import check_storage, default_storage, is_rdb, new_series, open_storage, store_init_lock
 from ablations.run.options import RunOptions
 from ablations.run.output import Prefixed, WorkerProgress, summary
@@ -279,8 +280,9 @@ class Worker:
         g, cell = self._by_queue[id(q)], q.cells[trial.user_attrs["cell_id"]]
         progress = g.progress
         assert progress is not None
-        # Who holds the trial, before its first beat: a process of this machine that dies is seen at once.
-        q.set_attrs(trial, {"worker": self.id, "host": socket.gethostname(), "pid": os.getpid()})
+        # Who holds the trial, before its first beat: its token, and where its pid means something (a
+        # process of this PID namespace that dies is seen at once); worker, host and pid for people.
+        q.set_attrs(trial, {"worker": self.id, "host": socket.gethostname(), "pid": os.getpid(), **owner_attrs()})
         hb = Heartbeat(q, trial)
         try:
             if not q.locked and (dup := duplicate_in(q, trial)) is not None:
@@ -299,7 +301,8 @@ class Worker:
             tags = {**g.tags, "optuna_study": q.name, "optuna_trial": str(trial.number), "worker": self.id}
             result = execute_cell(cell, self.datasets[dataset_key(cell.config.dataset)], self.client, g.experiment_id,
                                   self.device, progress, tags=tags, guard=hb.guard,
-                                  on_run=lambda run: hb.record(run.run_id), checkpoints=self.checkpoints)
+                                  on_run=lambda run: hb.record(run.run_id), checkpoints=self.checkpoints,
+                                  claim=q.claim_token(trial))
         except KeyboardInterrupt:
             q.finish(trial, TrialState.FAIL, attrs={"failure_kind": "interrupted", "failure_reason": "interrupted (Ctrl-C)"})
             raise
@@ -317,7 +320,11 @@ class Worker:
             q.finish(trial, TrialState.FAIL, attrs={"failure_kind": result.kind, "failure_reason": result.reason[:2000]})
             self.stopped = (result.exit_code, result.reason)
             raise _Stopped
-        # KILLED: the claim was lost, the trial already FAILed by whoever took it back
+        # KILLED: the claim was lost (the trial already FAILed by whoever took it back), or may have been (no
+        # heartbeat went through for the grace period): give the trial up, if the storage can be reached, so
+        # the cell is queued again now. Like a dead worker's, this attempt does not count against --retries.
+        with contextlib.suppress(Exception):
+            q.finish(trial, TrialState.FAIL, attrs={"failure_reason": result.reason[:2000]})
         return True
 
 
