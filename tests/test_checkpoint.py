@@ -198,9 +198,11 @@ def test_stop_mid_epoch_then_resume_is_bit_exact(tmp_path):
 
     path, polls = tmp_path / "c" / "last.pt", []
 
-    def stop_at_step_2_of_epoch_2():  # polled after each of 4 steps and at the epoch's end: the 7th poll
+    # polled before the first step, then per epoch after each of 4 steps, before its one evaluation
+    # batch and at its end: step 2 of epoch 2 is the 9th poll
+    def stop_at_step_2_of_epoch_2():
         polls.append(1)
-        return ("preempted", "test stop") if len(polls) == 7 else None
+        return ("preempted", "test stop") if len(polls) == 9 else None
 
     with pytest.raises(TrainingStopped) as stopped:
         train(cfg, _fresh_model(cfg), data, cpu, should_stop=stop_at_step_2_of_epoch_2,
@@ -636,28 +638,30 @@ def test_a_worker_preempted_while_decoding_stops_before_the_decode_ends_and_exit
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_resume_on_cuda_starts_from_the_exact_state_and_agrees_within_float_tolerance(tmp_path):
-    """What the README states for a GPU: a resumed run starts from exactly the saved state (weights,
-    optimizer, step, RNGs) and sees exactly the uninterrupted run's batches; its arithmetic is not
-    bit-reproducible (cudnn.benchmark picks kernels by timing them, some backward kernels use
-    atomics), so it agrees with the uninterrupted run within float tolerance, not bit for bit."""
+    """What the README states for a GPU: a resumed run starts from exactly the saved state and sees
+    exactly the uninterrupted run's batches; its arithmetic is not bit-reproducible (cudnn.benchmark
+    picks kernels by timing them in each process, some backward kernels use atomics), so it agrees
+    with the uninterrupted run within float tolerance, not bit for bit."""
     cfg = _tiny_config()
     data = load_dataset("synthetic", "unused", train_size=64, test_size=32, cache_dir=tmp_path / "cache")
     cuda = torch.device("cuda")
 
-    def first_batch_of_epoch_2(model, steps_before: int) -> list:
-        seen: list = []
+    def at_training_forward(model, number: int) -> dict:
+        """What the model saw at its `number`-th training forward: the batch and its own weights then."""
+        seen: dict = {}
         calls = [0]
 
         def hook(m, args):
             if m.training:
                 calls[0] += 1
-                if calls[0] == steps_before + 1:
-                    seen.append(args[0].detach().float().cpu().clone())
+                if calls[0] == number:
+                    seen["batch"] = args[0].detach().float().cpu().clone()
+                    seen["state"] = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
         model.register_forward_pre_hook(hook)
         return seen
 
     model = _fresh_model(cfg)
-    batch_whole = first_batch_of_epoch_2(model, 4)  # 64 images / 16: 4 steps per epoch
+    whole_at = at_training_forward(model, 5)  # 64 images / 16: 4 steps per epoch, the 5th opens epoch 2
     whole = train(cfg, model, data, cuda)
 
     path, evaluated = tmp_path / "c" / "last.pt", []
@@ -669,11 +673,14 @@ def test_resume_on_cuda_starts_from_the_exact_state_and_agrees_within_float_tole
     state = ckpt.load(path)
     assert (state["epoch"], state["step_in_epoch"]) == (1, 0)  # its one evaluation batch ran: the epoch's end
     model = _fresh_model(cfg)
-    batch_resumed = first_batch_of_epoch_2(model, 0)
+    resumed_at = at_training_forward(model, 1)
     resumed = train(cfg, model, data, cuda, resume=state)
-    assert torch.equal(batch_whole[0], batch_resumed[0]), "the resumed run does not see the same batch"
-    assert resumed.history[0] == whole.history[0]  # epoch 1 comes from the checkpoint
+    # exact: the state it starts from, the batch it sees, the schedule
+    for name, saved in state["model"].items():
+        assert torch.equal(resumed_at["state"][name], saved), name
+    assert torch.equal(whole_at["batch"], resumed_at["batch"]), "the resumed run does not see the same batch"
     assert resumed.history[1].lr == whole.history[1].lr
+    # within float tolerance: what the GPU computes from there
     assert resumed.history[1].train_loss == pytest.approx(whole.history[1].train_loss, rel=1e-2)
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=1e-3, msg=name)
