@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -202,9 +203,11 @@ def test_stop_mid_epoch_then_resume_is_bit_exact(tmp_path):
 
     folder, polls = tmp_path / "c", []
 
-    def stop_at_step_2_of_epoch_2():  # polled after each of 4 steps and at the epoch's end: the 7th poll
+    # polled before the first step, then per epoch after each of 4 steps, before its one evaluation
+    # batch and at its end: step 2 of epoch 2 is the 9th poll
+    def stop_at_step_2_of_epoch_2():
         polls.append(1)
-        return ("preempted", "test stop") if len(polls) == 7 else None
+        return ("preempted", "test stop") if len(polls) == 9 else None
 
     with pytest.raises(TrainingStopped) as stopped:
         train(cfg, _fresh_model(cfg), data, cpu, should_stop=stop_at_step_2_of_epoch_2,
@@ -756,3 +759,254 @@ def test_a_cell_checkpointed_before_manifests_resumes_in_its_run(tmp_path):
     ((manifest, state),) = at_the_end
     assert manifest == "last.json" and state.startswith("state-") and state.endswith(".pt")
     assert not cell.folder.exists()
+
+
+# ----------------------------------------------------------------------------- stops inside the long phases
+#
+# A stop request (SIGTERM/SIGUSR1, the time limit) must not wait for a whole evaluation, the weights
+# upload or the decoding of a dataset: SLURM kills a job KillWait (30 s by default) after its signal.
+
+QUICK = {
+    "defaults": {"dataset": {"name": "synthetic", "train_size": 64, "test_size": 32},
+                 "model": {"arch": "resnet20", "se": {"reduction": 4}},
+                 # 4 steps per epoch, 4 evaluation batches
+                 "train": {"epochs": 2, "batch_size": 16, "eval_batch_size": 8, "lr": 0.05, "warmup_epochs": 0},
+                 "seeds": [0]},
+    "grids": {"one": {"description": "one cell", "axes": {"model.se.reduction": [4]}}},
+}
+
+
+@pytest.fixture
+def quick_cell(tmp_path):
+    """(cell, client, experiment id, data, checkpoints): the cell of QUICK in a real MLflow store."""
+    from ablations.config import load_experiments, resolve_cells
+    from ablations.run.runner import dataset_key, load_data
+    from ablations.tracking import ensure_experiment
+
+    (tmp_path / "experiments.yaml").write_text(yaml.safe_dump(QUICK))
+    cell = resolve_cells(load_experiments(tmp_path / "experiments.yaml"), "one")[0]
+    client = MlflowClient(tracking_uri=uri(tmp_path))
+    exp = ensure_experiment(client, uri(tmp_path), "one")
+    data = load_data([cell], cache_dir=tmp_path / "cache")[dataset_key(cell.config.dataset)]
+    return cell, client, exp, data, ckpt.Checkpoints(tmp_path / "checkpoints")
+
+
+@pytest.fixture
+def stop_requests():
+    """STOP as a worker has it: SIGTERM/SIGUSR1 set the stop request. Undone after the test."""
+    previous = ckpt.STOP.install()
+    yield ckpt.STOP
+    ckpt.STOP.restore(previous)
+    ckpt.STOP.reset()
+
+
+def preempt_me() -> None:
+    os.kill(os.getpid(), signal.SIGUSR1)  # what SLURM sends; the handler has run when this returns
+
+
+class _Progress:
+    """The runner's progress display, quiet, calling `after_epoch(stats)` after each epoch."""
+
+    def __init__(self, after_epoch=None) -> None:
+        import io
+
+        from ablations.run.progress import GridProgress
+
+        self.inner, self.after_epoch = GridProgress("one", 1, io.StringIO(), live=False), after_epoch
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def on_epoch(self, stats) -> None:
+        self.inner.on_epoch(stats)
+        if self.after_epoch:
+            self.after_epoch(stats)
+
+
+class _EvalBatches:
+    """Counts the model's evaluation batches (forward passes of the whole model in eval mode, more than
+    one image: not the single-image complexity count); `on_first` runs at the first one."""
+
+    def __init__(self, on_first=None) -> None:
+        from senet.resnet import ResNet
+
+        self.seen, self.on_first, self.kind = 0, on_first, ResNet
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        if isinstance(module, self.kind) and not module.training and args[0].shape[0] > 1:
+            self.seen += 1
+            if self.seen == 1 and self.on_first:
+                self.on_first()
+
+
+def test_a_stop_during_evaluation_ends_it_at_the_next_batch_and_the_cell_resumes(quick_cell, stop_requests):
+    """A preemption at epoch 1's first evaluation batch stops the cell before the second (it used to
+    evaluate the whole test set first): STOPPED, its run KILLED, checkpointed at the end of epoch 1's
+    training; the next run evaluates epoch 1 and finishes, every epoch logged once."""
+    from ablations.run.runner import execute_cell
+
+    cell, client, exp, data, checkpoints = quick_cell
+    evals = _EvalBatches(on_first=preempt_me)
+    try:
+        stopped = execute_cell(cell, data, client, exp, torch.device("cpu"), _Progress(), checkpoints=checkpoints)
+    finally:
+        evals.handle.remove()
+    assert stopped.status == "STOPPED" and stopped.exit_code == EXIT_PREEMPTED
+    assert evals.seen == 1, f"the stop waited for {evals.seen} evaluation batches"
+    meta = checkpoints.meta(cell.cell_id)
+    assert (meta["epoch"], meta["step_in_epoch"]) == (0, 4)  # epoch 1 trained, not yet evaluated
+    assert client.get_run(stopped.run_id).info.status == "KILLED"
+    stop_requests.reset()
+
+    done = execute_cell(cell, data, client, exp, torch.device("cpu"), _Progress(), checkpoints=checkpoints)
+    assert done.status == "FINISHED" and done.run_id == stopped.run_id
+    assert [m.step for m in client.get_metric_history(done.run_id, "test_top1_err")] == [1, 2]
+
+
+def test_a_stop_during_evaluation_resumes_bit_exact(tmp_path):
+    """The checkpoint a stop inside evaluation leaves (the epoch trained, its accumulators) continues
+    the run bit for bit: the same history and final weights as the uninterrupted run."""
+    torch.set_num_threads(1)
+    cfg = _tiny_config()
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_batch_size": 8})})  # 4 batches
+    data = load_dataset("synthetic", "unused", train_size=64, test_size=32, cache_dir=tmp_path / "cache")
+    cpu = torch.device("cpu")
+    whole = train(cfg, _fresh_model(cfg), data, cpu)
+
+    model, evals = _fresh_model(cfg), []
+    model.register_forward_pre_hook(lambda m, args: None if m.training else evals.append(1))
+    path = tmp_path / "c"  # the checkpoint folder
+    with pytest.raises(TrainingStopped) as stopped:  # at epoch 2's first evaluation batch
+        train(cfg, model, data, cpu, on_checkpoint=lambda state: ckpt.save(path, state),
+              should_stop=lambda: ("preempted", "test stop") if len(evals) > 4 else None)
+    assert (stopped.value.epoch, stopped.value.step_in_epoch) == (1, 4) and len(evals) == 5
+    resumed = train(cfg, _fresh_model(cfg), data, cpu, resume=ckpt.load(path))
+    assert [(s.train_loss, s.train_err, s.test_top1_err, s.test_top5_err, s.lr) for s in resumed.history] == \
+           [(s.train_loss, s.train_err, s.test_top1_err, s.test_top5_err, s.lr) for s in whole.history]
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_stop_before_the_weights_upload_leaves_the_cell_resumable_and_logs_nothing_twice(quick_cell, stop_requests):
+    """A preemption after the last epoch (its checkpoint written) used to wait for the final metrics
+    and the weights upload (minutes to a remote store). Now the cell stops before them, resumable;
+    the next run trains nothing, logs the final metrics and the weights once and finishes."""
+    from ablations.run.runner import execute_cell
+
+    cell, client, exp, data, checkpoints = quick_cell
+    progress = _Progress(after_epoch=lambda s: s.epoch == 2 and preempt_me())
+    stopped = execute_cell(cell, data, client, exp, torch.device("cpu"), progress, checkpoints=checkpoints)
+    assert stopped.status == "STOPPED", "the stop waited for the upload: the cell finished"
+    assert client.get_run(stopped.run_id).info.status == "KILLED"
+    assert not client.get_metric_history(stopped.run_id, "final_top1_err")
+    assert not client.list_artifacts(stopped.run_id, "model")
+    assert checkpoints.meta(cell.cell_id)["epoch"] == 2
+    stop_requests.reset()
+
+    done = execute_cell(cell, data, client, exp, torch.device("cpu"), _Progress(), checkpoints=checkpoints)
+    assert done.status == "FINISHED" and done.run_id == stopped.run_id
+    assert len(client.get_metric_history(done.run_id, "final_top1_err")) == 1
+    assert [m.step for m in client.get_metric_history(done.run_id, "train_loss")] == [1, 2]
+    assert [a.path for a in client.list_artifacts(done.run_id, "model")] == ["model/weights.pt"]
+
+
+def _jpeg_tree(root: Path, train_per_class: int, side: int = 72) -> Path:
+    """train/ and val/ of two classes of random `side`-px JPEGs (above 64 px: decoded in chunks of 32)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train_per_class), ("val", 4)):
+        for cls in ("a", "b"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    return root
+
+
+def test_a_stop_request_ends_decoding_between_chunks(tmp_path):
+    """Decoding an image tree polls the stop request between chunks: it ends there, publishes nothing
+    (the next run decodes again) and the request's exception reaches the caller."""
+    tree = _jpeg_tree(tmp_path / "tree", 48)  # 104 images: 4 chunks
+    calls: list[int] = []
+
+    def stop_check() -> None:
+        calls.append(1)
+        raise TrainingStopped("test stop", "preempted")
+
+    with pytest.raises(TrainingStopped):
+        load_dataset("imagefolder", tree, cache_dir=tmp_path / "cache", stop_check=stop_check)
+    assert calls == [1]
+    assert not list((tmp_path / "cache").glob("*/meta.json")), "the decode ran to the end"
+
+
+def test_a_worker_preempted_while_decoding_stops_before_the_decode_ends_and_exits_75(tmp_path, monkeypatch,
+                                                                                     stop_requests, capsys):
+    """A preemption while the data is decoded (before any cell is claimed: hours for a big tree) ends
+    the worker between decode chunks with exit code 75, nothing decoded kept and nothing claimed."""
+    from ablations.cli import main
+
+    tree = _jpeg_tree(tmp_path / "tree", 48)
+    grid = {"defaults": {"dataset": {"name": "imagefolder", "root": str(tree)}, "model": {"arch": "resnet20"},
+                         "train": {"epochs": 1, "batch_size": 16}, "seeds": [0]},
+            "grids": {"trees": {"description": "one cell", "axes": {"model.se.reduction": [4]}}}}
+    (tmp_path / "experiments.yaml").write_text(yaml.safe_dump(grid))
+    monkeypatch.setenv("SENET_ABLATIONS_CACHE", str(tmp_path / "cache"))
+    preempt_me()  # the signal arrives as the worker starts: it is seen at the first decode chunk
+    code = main(["--config", str(tmp_path / "experiments.yaml"), "--grid", "trees", "--device", "cpu",
+                 "--tracking-uri", uri(tmp_path), "--results-dir", str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert code == EXIT_PREEMPTED, err
+    assert not list((tmp_path / "cache").glob("*/meta.json")), "the worker decoded the whole tree first"
+    assert "stopped: preempted (SIGUSR1)" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_resume_on_cuda_starts_from_the_exact_state_and_agrees_within_float_tolerance(tmp_path):
+    """What the README states for a GPU: a resumed run starts from exactly the saved state and sees
+    exactly the uninterrupted run's batches; its arithmetic is not bit-reproducible (cudnn.benchmark
+    picks kernels by timing them in each process, some backward kernels use atomics), so it agrees
+    with the uninterrupted run within float tolerance, not bit for bit."""
+    cfg = _tiny_config()
+    data = load_dataset("synthetic", "unused", train_size=64, test_size=32, cache_dir=tmp_path / "cache")
+    cuda = torch.device("cuda")
+
+    def at_training_forward(model, number: int) -> dict:
+        """What the model saw at its `number`-th training forward: the batch and its own weights then."""
+        seen: dict = {}
+        calls = [0]
+
+        def hook(m, args):
+            if m.training:
+                calls[0] += 1
+                if calls[0] == number:
+                    seen["batch"] = args[0].detach().float().cpu().clone()
+                    seen["state"] = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+        model.register_forward_pre_hook(hook)
+        return seen
+
+    model = _fresh_model(cfg)
+    whole_at = at_training_forward(model, 5)  # 64 images / 16: 4 steps per epoch, the 5th opens epoch 2
+    whole = train(cfg, model, data, cuda)
+
+    path, evaluated = tmp_path / "c", []  # the checkpoint folder
+    model = _fresh_model(cfg)
+    model.register_forward_pre_hook(lambda m, args: None if m.training else evaluated.append(1))
+    with pytest.raises(TrainingStopped):  # stopped once epoch 1 is trained
+        train(cfg, model, data, cuda, on_checkpoint=lambda state: ckpt.save(path, state),
+              should_stop=lambda: ("preempted", "test stop") if evaluated else None)
+    state = ckpt.load(path)
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 0)  # its one evaluation batch ran: the epoch's end
+    model = _fresh_model(cfg)
+    resumed_at = at_training_forward(model, 1)
+    resumed = train(cfg, model, data, cuda, resume=state)
+    # exact: the state it starts from, the batch it sees, the schedule
+    for name, saved in state["model"].items():
+        assert torch.equal(resumed_at["state"][name], saved), name
+    assert torch.equal(whole_at["batch"], resumed_at["batch"]), "the resumed run does not see the same batch"
+    assert resumed.history[1].lr == whole.history[1].lr
+    # within float tolerance: what the GPU computes from there
+    assert resumed.history[1].train_loss == pytest.approx(whole.history[1].train_loss, rel=1e-2)
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=1e-3, msg=name)

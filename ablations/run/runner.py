@@ -18,7 +18,7 @@ from ablations.config import Cell, ConfigError, DatasetConfig, ExperimentConfig,
 from ablations.data import Dataset, DataError, load_dataset
 from ablations.run.progress import GridProgress
 from ablations.tracking import CellRun, StoreUnreachable, process_gone, retry_outage
-from ablations.train import CellFailed, EpochStats, seed_everything, train
+from ablations.train import CellFailed, CellOutOfMemory, EpochStats, seed_everything, train
 from ablations.util.timefmt import fmt_duration
 from senet import build_model, complexity, se_blocks
 
@@ -108,8 +108,17 @@ def dataset_key(ds: DatasetConfig) -> str:
     return json.dumps(ds.model_dump(mode="json"), sort_keys=True)
 
 
-def load_data(cells: Sequence[Cell], cache_dir: str | Path | None = None) -> dict[str, Dataset]:
-    """Load each distinct dataset of `cells` once; check the model's class count against it."""
+def raise_if_stopped() -> None:
+    """Raise TrainingStopped when STOP asks to stop (a signal, the time limit): for the phases before a
+    cell runs (decoding the data), where there is nothing to checkpoint."""
+    if (why := STOP.check()) is not None:
+        raise TrainingStopped(why[1], why[0])
+
+
+def load_data(cells: Sequence[Cell], cache_dir: str | Path | None = None,
+              stop_check: Callable[[], None] | None = None) -> dict[str, Dataset]:
+    """Load each distinct dataset of `cells` once; check the model's class count against it.
+    `stop_check()` is called between decode chunks and may raise to stop (raise_if_stopped)."""
     loaded: dict[str, Dataset] = {}
     for cell in cells:
         ds = cell.config.dataset
@@ -118,6 +127,7 @@ def load_data(cells: Sequence[Cell], cache_dir: str | Path | None = None) -> dic
             loaded[key] = load_dataset(
                 ds.name, ds.root, classes=ds.classes, train_size=ds.train_size, test_size=ds.test_size,
                 subset_seed=ds.subset_seed, image_size=ds.image_size, download=ds.download, cache_dir=cache_dir,
+                stop_check=stop_check,
             )
         n = len(loaded[key].classes)
         model = cell.config.model
@@ -204,7 +214,7 @@ def run_cell(cell: Cell, config: ExperimentConfig, data: Dataset, run: CellRun, 
             meta = {"run_id": run.run_id, "cell_id": cell.cell_id, "grid": cell.grid, "variant": cell.variant,
                     "seed": cell.seed, "epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"],
                     "steps_per_epoch": steps, "epochs": config.train.epochs, "saved_at": time.time(),
-                    "claim": fence.claim}
+                    "claim": fence.claim, "data_resident": state.get("data_resident")}
             ckpt.save(checkpoints.folder(cell.cell_id),
                       {**state, "run_id": run.run_id, "cell_id": cell.cell_id, "claim": fence.claim}, meta)
 
@@ -217,6 +227,10 @@ def run_cell(cell: Cell, config: ExperimentConfig, data: Dataset, run: CellRun, 
     if guard:
         guard(False)
     fence.check()
+    if checkpoints is not None and (why := STOP.check()) is not None:
+        # The last epoch's checkpoint is written: stop before the final metrics and the weights upload
+        # (minutes to a remote store); the next run trains nothing, logs them once and finishes.
+        raise TrainingStopped(why[1], why[0], config.train.epochs)
     # what `auto` chose: compile "off", "on" or "eager fallback: <why>"; precision bf16 | fp32
     run.set_tags({"compile": result.compile_status, "precision": result.precision,
                   "channels_last": str(result.channels_last).lower()})
@@ -271,6 +285,17 @@ def resumable(client: MlflowClient, cell: Cell, checkpoints: Checkpoints) -> dic
     return state
 
 
+def _checkpoint_of_run(checkpoints: Checkpoints | None, cell: Cell, run_id: str) -> dict | None:
+    """What the checkpoint of `cell` says (last.json), if there is one and it was taken in run `run_id`."""
+    if checkpoints is None:
+        return None
+    for cid in cell.ids:
+        meta = checkpoints.meta(cid)
+        if meta is not None and meta.get("run_id") == run_id and checkpoints.exists(cid):
+            return meta
+    return None
+
+
 def execute_cell(cell: Cell, data: Dataset, client: MlflowClient, experiment_id: str, device: torch.device,
                  progress: GridProgress, *, tags: Mapping[str, str] | None = None,
                  guard: Callable[[bool], None] | None = None,
@@ -285,7 +310,8 @@ def execute_cell(cell: Cell, data: Dataset, client: MlflowClient, experiment_id:
     checkpoints the cell and returns STOPPED; so does a time limit too near to reach a checkpoint,
     before anything starts. `guard(final)` is called between steps (final=False) and right before
     the run is marked FINISHED (final=True): raising CellAborted there ends the run KILLED. `on_run`
-    sees the run as soon as it exists.
+    sees the run as soon as it exists. Out of memory with a checkpoint of this run returns FAILED (an
+    attempt used) but leaves the run KILLED and the checkpoint in place, so the next attempt resumes.
 
     `claim`: the queue claim the worker holds on the cell (see Fence). It is written on the run and
     in each checkpoint; once another claim is found there, the cell stops (KILLED) and its run and
@@ -357,6 +383,15 @@ def execute_cell(cell: Cell, data: Dataset, client: MlflowClient, experiment_id:
         return CellResult("KILLED", run.run_id, str(exc))
     except (CellFailed, DataError) as exc:
         reason = str(exc)
+        kept = _checkpoint_of_run(checkpoints, cell, run.run_id) if isinstance(exc, CellOutOfMemory) else None
+        if kept is not None:
+            # Out of memory is a shortage, not a bad state: the run stays resumable (KILLED) with its
+            # checkpoint, and the queue counts a failed attempt, so a cell that never fits ends failed.
+            where = f"epoch {kept['epoch']}" + (f" + {kept['step_in_epoch']} steps" if kept.get("step_in_epoch") else "")
+            reason = f"{reason}; its checkpoint at {where} is kept: the next attempt resumes it"
+            run.end("KILLED", reason)
+            progress.end_cell(cell, "FAILED", reason)
+            return CellResult("FAILED", run.run_id, reason)
     except Exception as exc:  # a bug or a bad variant must not take the rest of the grid down
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
     else:

@@ -173,7 +173,7 @@ class Worker:
     def __init__(self, options: RunOptions, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]],
                  stream: TextIO | None = None, *, prefix: bool = True, live: bool | None = False,
                  fresh_launch: bool = False) -> None:
-        from ablations.run.runner import load_data
+        from ablations.run.runner import load_data, raise_if_stopped
         from ablations.util.device import resolve_device
 
         self.id = options.worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -185,7 +185,8 @@ class Worker:
         self.retries_flag, self.poll = options.retries, min(options.heartbeat, 2.0)
         self.launched, self.fresh_launch = options.launched, fresh_launch
         self.series = options.series
-        self.datasets = load_data([c for _, cells in grids for c in cells])  # bad input before anything is claimed
+        # Bad input before anything is claimed; a stop request ends a long decode between its chunks.
+        self.datasets = load_data([c for _, cells in grids for c in cells], stop_check=raise_if_stopped)
         self.client, self.grids = open_grids(options, exps, grids, self.tracking_uri, self.storage_url, self.series)
         live = live if len(self.grids) == 1 else False  # a terminal holds one live display at a time
         for g in self.grids:

@@ -1,11 +1,21 @@
 """Per-epoch checkpoints of one cell, resume into the same MLflow run, and stop requests.
 
-A checkpoint holds what a cell needs to continue bit for bit: model and optimizer state, the
-optimizer step (the LR schedule `lr_at` is a pure function of it), every RNG state (torch CPU and
-CUDA, numpy, python), the epoch, the step within it and the partial-epoch accumulators when it
-was taken mid-epoch, and the history of finished epochs. The augmentation draws need no state of
-their own: `iterate_batches` derives them from (seed, epoch), so the epoch and the step within it
-pin them down. The trainer has no grad scaler (fp32, or bf16 autocast which needs none).
+A checkpoint holds what a cell needs to continue from exactly where it stopped: model and optimizer
+state, the optimizer step (the LR schedule `lr_at` is a pure function of it), every RNG state (torch
+CPU and CUDA, numpy, python), the epoch, the step within it and the partial-epoch accumulators when
+it was taken mid-epoch (or mid-evaluation: then as the epoch's end), the history of finished
+epochs, and which data splits the cell keeps on the device (`data_resident`, decided once per cell).
+The augmentation draws need no state of their own: `iterate_batches` derives them from
+(seed, epoch), so the epoch and the step within it pin them down. The trainer has no grad scaler
+(fp32, or bf16 autocast which needs none).
+
+Where the resumed run is bit for bit the uninterrupted one: on a CPU, with the same machine, torch
+and thread count (tests/test_checkpoint.py). On a GPU the restored state and the batches that follow
+are exact, but the arithmetic is not bit-reproducible between processes: cudnn.benchmark picks
+convolution algorithms by timing them in each process, and some CUDA backward kernels accumulate
+with atomics in no fixed order. Two uninterrupted GPU runs of a cell differ in the last bits too;
+a resumed one agrees with them to within float tolerance (checked on a GPU host by
+test_resume_on_cuda_starts_from_the_exact_state_and_agrees_within_float_tolerance).
 
 Everything in it is a tensor, dict, list, str, int, float, bool or None, so it loads with
 `torch.load(weights_only=True)`. It goes to `<checkpoint dir>/<cell_id>/`: a state file, then the
@@ -73,9 +83,12 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, epoch: int, step_in_epoch: int,
                    global_step: int, history: list[Mapping[str, float]],
-                   partial: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   partial: Mapping[str, Any] | None = None,
+                   data_resident: Mapping[str, bool] | None = None) -> dict[str, Any]:
     """The state to continue training from: `epoch` epochs are complete, plus `step_in_epoch` steps
-    of the next one (then `partial` holds its accumulators: loss_sum, wrong, seen, seconds)."""
+    of the next one (then `partial` holds its accumulators: loss_sum, wrong, seen, seconds).
+    `data_resident`: which splits ('train', 'test') the cell decided to keep on the device; a resume
+    reuses it rather than deciding again against a peak memory that restarts at zero."""
     return {
         "format": FORMAT,
         "epoch": epoch,
@@ -86,6 +99,7 @@ def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, 
         "rng": rng_state(),
         "history": [dict(h) for h in history],
         "partial": dict(partial) if partial else None,
+        "data_resident": dict(data_resident or {}),
     }
 
 
