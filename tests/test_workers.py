@@ -132,18 +132,6 @@ def completed_once(trials: list, n: int) -> list:
     return complete
 
 
-def wait_for_epoch(d: Path, grid: str, procs: list[subprocess.Popen], worker: str | None = None) -> object:
-    """A RUNNING run (of `worker`, if given) that has logged epoch 1 of 2: a cell half done."""
-    client = MlflowClient(tracking_uri=uri(d))
-
-    def half_done() -> object:
-        assert all(p.poll() is None for p in procs), "a worker ended early:\n" + procs[0].stdout.read()
-        return next((r for r in runs(d, grid) if r.info.status == "RUNNING" and worker in (None, r.data.tags.get("worker"))
-                     and client.get_metric_history(r.info.run_id, "train_loss")), None)
-
-    return wait_until(half_done, "a cell reaching its first epoch")
-
-
 def freeze_at_checkpoint(d: Path, grid: str, proc: subprocess.Popen, worker: str) -> object:
     """SIGSTOP `proc` once its cell of `grid` has checkpointed an epoch short of the last and return that
     RUNNING run: the worker is then mid-cell with a checkpoint however fast this machine is. (Waiting for a
@@ -330,9 +318,18 @@ def test_failed_cell_is_retried_then_named(workdir):
 def test_ctrl_c_marks_killed_and_reruns_next_time(workdir):
     """SIGINT to the launcher: its workers mark their runs KILLED and trials interrupted; exit 130.
     The next launch runs those cells again, and only those."""
-    launcher = start(workdir, *args_for(workdir, "--grid", "ctrlc", "--workers", "2", *FAST))
-    wait_for_epoch(workdir, "ctrlc", [launcher])
+    from test_checkpoint import freeze_each_worker_at_its_first_checkpoint, pending_signals
+
+    # grace far above any freeze below: a frozen worker must not look dead to the other one
+    launcher = start(workdir, *args_for(workdir, "--grid", "ctrlc", "--workers", "2", "--heartbeat", "1", "--grace", "900"))
+    # each worker frozen mid-cell (at its first checkpoint), so a fast machine cannot finish the grid before
+    # the signal: under load 9 a cell once finished between its first epoch being seen and the SIGINT landing
+    workers = freeze_each_worker_at_its_first_checkpoint(workdir, launcher, 2)
     launcher.send_signal(signal.SIGINT)
+    for pid in workers:  # the launcher has passed Ctrl-C on: it waits in each frozen worker
+        wait_until(lambda: signal.SIGINT in pending_signals(pid), f"SIGINT pending in worker {pid}")
+    for pid in workers:
+        os.kill(pid, signal.SIGCONT)
     out = wait_for_exit(launcher)
     assert launcher.returncode == 130, out
     killed = [r for r in runs(workdir, "ctrlc") if r.info.status == "KILLED"]
