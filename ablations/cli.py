@@ -19,7 +19,7 @@ from ablations.config import Cell, ConfigError, ExperimentsFile, load_experiment
 from ablations.data import DataError
 from ablations.errors import BadInput
 from ablations.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, EXIT_TIME_LIMIT
-from ablations.run import RunOptions, dispatch, prepare
+from ablations.run import RunOptions, dispatch, prepare, stop_requests
 from ablations.run.storage import JOURNAL_SUFFIX
 
 
@@ -292,10 +292,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.report or args.analyze:
             return _report_or_analyze(args, exps)
         # The time limit is armed (a bad duration is bad input before anything runs), then on a GPU
-        # one real step and one MLflow write, before any cell is claimed.
-        if code := prepare(options, grids, exps):
-            return code
-        code = dispatch(options, exps, grids, worker=worker)  # a worker, a launcher, or this process as the one worker
+        # one real step and one MLflow write, before any cell is claimed. From here on a SIGTERM or
+        # SIGUSR1 is a stop request, the preflight and the decoding of the data included.
+        with stop_requests():
+            if code := prepare(options, grids, exps):
+                return code
+            code = dispatch(options, exps, grids, worker=worker)  # a worker, a launcher, or this process as the one worker
         if worker or code in (EXIT_PREEMPTED, EXIT_TIME_LIMIT):  # the report waits for a run that finishes the grids
             return code
         for name, _ in grids:

@@ -19,6 +19,7 @@ import random
 import socket
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from ablations.config import Cell, ExperimentConfig
 from ablations.errors import StoreError
 from ablations.util.paths import beside_store
-from ablations.util.procs import pid_alive
+from ablations.util.procs import gone_here, pid_namespace, process_token
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = {"FINISHED", "FAILED", "KILLED"}
@@ -153,6 +154,48 @@ def retry_locked(fn: Callable[..., T], *args: Any, budget: float = LOCK_RETRY_SE
                 raise
         time.sleep(delay * random.uniform(0.5, 1.5))  # jitter: writers that collided don't collide again
         delay = min(2 * delay, 2.0)
+
+
+STORE_OUTAGE_SECONDS = 300.0  # how long a call that cannot reach the store is retried before it gives up
+
+
+class StoreUnreachable(Exception):
+    """The tracking store could not be reached through every retry (the message names the last error)."""
+
+
+# What a store answers (the run is not there, the id is malformed), as opposed to failing to answer.
+_ANSWERS = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
+
+
+def is_store_answer(exc: BaseException) -> bool:
+    """Whether `exc` is the store's answer to a request, rather than the store not answering (a
+    locked or missing database file, a server down or overloaded, a network error)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.error_code in _ANSWERS
+
+
+def retry_outage(fn: Callable[..., T], *args: Any, what: str, budget: float | None = None, **kwargs: Any) -> T:
+    """Call `fn`, retrying with jittered exponential backoff (1 s up to 30 s) while the store does not
+    answer, for up to `budget` seconds (STORE_OUTAGE_SECONDS); then raise StoreUnreachable. The store's
+    answers (`is_store_answer`) are raised as they are. Each failure is one line on stderr naming `what`."""
+    budget = STORE_OUTAGE_SECONDS if budget is None else budget
+    delay, deadline = 1.0, time.monotonic() + budget
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if is_store_answer(exc):
+                raise
+            text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StoreUnreachable(f"tracking store unreachable for {budget:.0f}s ({what}): {text}") from exc
+        pause = min(delay * random.uniform(0.5, 1.5), left)  # jitter: workers that met the outage together spread out
+        print(f"warning: tracking store unreachable ({what}): {text}; retrying in {pause:.1f}s "
+              f"(giving up after {budget:.0f}s)", file=sys.stderr, flush=True)
+        time.sleep(pause)
+        delay = min(2 * delay, 30.0)
 
 
 class RetryingClient:
@@ -354,10 +397,10 @@ def link_run(client: MlflowClient, experiment_id: str, cell: Cell, source: Run,
     if is_link(source):  # point at the run that was trained, not at another link
         source = client.get_run(source.data.tags[REUSED_FROM_RUN])
     skip = {"grid", "variant", "seed", "cell_id", "preset", "paper_table", "host", "pid", "resumes", "stopped",
-            "failure_reason", REUSED_FROM_RUN, REUSED_FROM_GRID}
+            "failure_reason", CLAIM, "owner", "pidns", REUSED_FROM_RUN, REUSED_FROM_GRID}
     tags = {k: v for k, v in source.data.tags.items() if not k.startswith("mlflow.") and k not in skip}
     tags.update({"grid": cell.grid, "variant": cell.variant, "seed": str(cell.seed), "cell_id": cell.cell_id,
-                 "host": socket.gethostname(), "pid": str(os.getpid()),  # a link cut short is reaped as any run
+                 **owner_tags(),  # a link cut short is reaped as any run
                  REUSED_FROM_RUN: source.info.run_id, REUSED_FROM_GRID: source.data.tags.get("grid", "")})
     if cell.preset:
         tags["preset"] = cell.preset
@@ -385,16 +428,31 @@ def kill_running(client: MlflowClient, experiment_id: str | Sequence[str], tags:
     return len(runs)
 
 
+def owner_tags() -> dict[str, str]:
+    """Who writes a run: host and pid for people; the PID namespace, so that only a process of the same
+    one reads the pid as a sign of death (ablations.util.procs); the process's random token."""
+    return {"host": socket.gethostname(), "pid": str(os.getpid()), "pidns": pid_namespace() or "",
+            "owner": process_token()}
+
+
+def process_gone(run: Run) -> bool:
+    """Whether the process that last owned `run` is known to be gone (only from its own PID namespace)."""
+    return gone_here(run.data.tags.get("pidns"), run.data.tags.get("pid"))
+
+
 def reap_dead_runs(client: MlflowClient, experiment_id: str) -> int:
-    """Mark RUNNING runs whose process on this host is gone as KILLED; they will run again."""
-    host, reaped = socket.gethostname(), 0
+    """Mark RUNNING runs whose process is known to be gone (it ran in this PID namespace) as KILLED;
+    they will run again."""
+    reaped = 0
     for run in runs_of(client, experiment_id, "attributes.status = 'RUNNING'"):
-        tags = run.data.tags
-        if tags.get("host") == host and tags.get("pid", "").isdigit() and not pid_alive(int(tags["pid"])):
+        if process_gone(run):
             client.set_tag(run.info.run_id, "failure_reason", "process died (found RUNNING at a later start)")
             client.set_terminated(run.info.run_id, status="KILLED")
             reaped += 1
     return reaped
+
+
+CLAIM = "claim"  # the run's tag naming the queue claim that holds it (its fencing token)
 
 
 class CellRun:
@@ -404,12 +462,16 @@ class CellRun:
     again, this process as its owner, the `resumes` tag counting up) and nothing is logged twice.
     It stays the run of the grid it was started in (its experiment and tags), whichever grid's
     worker resumes it: a cell has one run per store.
+
+    `claim`: the queue claim this worker holds on the cell, written as the run's CLAIM tag; a worker
+    that resumes the run later writes its own, and `holder()` tells the old one it is no longer its run.
     """
 
     def __init__(self, client: MlflowClient, experiment_id: str, cell: Cell, device: torch.device,
                  data_source: str, config: ExperimentConfig | None = None,
-                 extra_tags: Mapping[str, str] | None = None, resume_run_id: str | None = None) -> None:
-        self.client = client
+                 extra_tags: Mapping[str, str] | None = None, resume_run_id: str | None = None,
+                 claim: str | None = None) -> None:
+        self.client, self.claim = client, claim
         self.resumes = 0
         tags = {
             "grid": cell.grid,
@@ -424,8 +486,8 @@ class CellRun:
             "device": str(device),
             "device_name": device_name(device),
             "cpu_model": cpu_model(),
-            "host": socket.gethostname(),
-            "pid": str(os.getpid()),
+            **owner_tags(),
+            **({CLAIM: claim} if claim is not None else {}),
             **({"preset": cell.preset} if cell.preset else {}),
             **(extra_tags or {}),
         }
@@ -438,7 +500,8 @@ class CellRun:
             if found.info.experiment_id != experiment_id:  # another grid's run: only its own grid's parent adopts it
                 tags.pop(PARENT_RUN_ID, None)
             self.set_tags({**tags, **own, "resumes": str(self.resumes)})
-            for stale in ("failure_reason", "stopped"):  # why it stopped last time; it is running again
+            # why it stopped last time (it is running again), and an old claim when this one has none
+            for stale in ("failure_reason", "stopped") + ((CLAIM,) if claim is None else ()):
                 if stale in old:
                     client.delete_tag(resume_run_id, stale)
             client.update_run(resume_run_id, status="RUNNING")
@@ -449,6 +512,10 @@ class CellRun:
         params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flatten(resolved).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             client.log_batch(self.run_id, params=params[i:i + 100])
+
+    def holder(self) -> str | None:
+        """The claim that holds the run now, as the store says (one read)."""
+        return self.client.get_run(self.run_id).data.tags.get(CLAIM)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)

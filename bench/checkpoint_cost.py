@@ -2,10 +2,10 @@
 
 The checkpoint is what a running cell writes every `train.checkpoint_every` epochs and on
 preemption (ablations/train/checkpoint.py): model, SGD momentum buffers, RNG states, history; written to
-a temporary file, fsynced, then renamed. The epoch time is measured with the harness trainer
-(`ablations.train.train`, the recipe of experiments.yaml: batch 512 on a GPU, bf16 and
-channels_last there) on synthetic 32x32 images, and extrapolated from the training throughput to
-the 50,000 images of a CIFAR-10 epoch (evaluation left out, so the share is, if anything, too high).
+a temporary file, fsynced, then renamed, and named by a manifest written the same way. The epoch time is
+measured with the harness trainer (`ablations.train.train`, the recipe of experiments.yaml: batch 512
+on a GPU, bf16 and channels_last there) on synthetic 32x32 images, and extrapolated from the training
+throughput to the 50,000 images of a CIFAR-10 epoch (evaluation left out, so the share is, if anything, too high).
 
     python bench/checkpoint_cost.py --device cpu|cuda [--arch resnet18_cifar] [--batch 512]
                                     [--images 2048] [--repeats 5] [--dir PATH] [--json-out PATH]
@@ -66,15 +66,15 @@ def main() -> None:
     epoch_s = CIFAR_TRAIN / images_per_s
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.dir or tmp) / "bench" / "last.pt"
+        folder = Path(args.dir or tmp) / "bench"
         saves, loads = [], []
         for _ in range(args.repeats):
             sync(device)
-            saves.append(ckpt.save(path, states[-1]))
+            saves.append(ckpt.save(folder, states[-1]))
             start = time.perf_counter()
-            ckpt.load(path)
+            ckpt.load(folder)
             loads.append(time.perf_counter() - start)
-        size = path.stat().st_size
+        size = ckpt.state_path(folder, ckpt.read_manifest(folder)).stat().st_size
     save_s, load_s = statistics.median(saves), statistics.median(loads)
     out = {
         "arch": args.arch, "batch": args.batch, "images_timed": args.images, "device": str(device),

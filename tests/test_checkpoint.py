@@ -8,17 +8,22 @@ Waits are for events (a checkpoint file, a line on stderr, a process's exit), ne
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import math
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -30,6 +35,7 @@ from ablations.data import load_dataset
 from ablations.errors import EXIT_PREEMPTED, EXIT_TIME_LIMIT
 from ablations.train import TrainingStopped, seed_everything, train
 from ablations.util.device import native_bf16
+from conftest import wait_until
 from senet import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,18 +201,22 @@ def test_stop_mid_epoch_then_resume_is_bit_exact(tmp_path):
     cpu = torch.device("cpu")
     whole = train(cfg, _fresh_model(cfg), data, cpu)
 
-    path, polls = tmp_path / "c" / "last.pt", []
+    folder, polls = tmp_path / "c", []
 
-    def stop_at_step_2_of_epoch_2():  # polled after each of 4 steps and at the epoch's end: the 7th poll
+    # polled before the first step, then per epoch after each of 4 steps, before its one evaluation
+    # batch and at its end: step 2 of epoch 2 is the 9th poll
+    def stop_at_step_2_of_epoch_2():
         polls.append(1)
-        return ("preempted", "test stop") if len(polls) == 7 else None
+        return ("preempted", "test stop") if len(polls) == 9 else None
 
     with pytest.raises(TrainingStopped) as stopped:
         train(cfg, _fresh_model(cfg), data, cpu, should_stop=stop_at_step_2_of_epoch_2,
-              on_checkpoint=lambda state: ckpt.save(path, state))
+              on_checkpoint=lambda state: ckpt.save(folder, state))
     assert (stopped.value.epoch, stopped.value.step_in_epoch, stopped.value.exit_code) == (1, 2, EXIT_PREEMPTED)
-    assert not list(path.parent.glob(".*.tmp"))  # renamed into place, nothing left behind
-    state = ckpt.load(path)  # weights_only=True
+    assert not list(folder.glob(".*.tmp"))  # renamed into place, nothing left behind
+    # two saves (end of epoch 1, the stop): one state file is left, the one the manifest names
+    assert [p.name for p in folder.glob("*.pt")] == [json.loads((folder / "last.json").read_text())["state_file"]]
+    state = ckpt.load(folder)  # weights_only=True
     assert (state["epoch"], state["step_in_epoch"], state["global_step"], len(state["history"])) == (1, 2, 6, 1)
     assert state["partial"]["seen"] == 32
 
@@ -264,7 +274,7 @@ def test_sigterm_mid_epoch_checkpoints_and_exits_75(tmp_path, reference):
     assert proc.returncode == EXIT_PREEMPTED, out
     meta = checkpoint_meta(d)
     assert meta["epoch"] == 1 and 1 <= meta["step_in_epoch"] <= meta["steps_per_epoch"] == 16, meta
-    saved_after = (d / "checkpoints" / meta["cell_id"] / "last.pt").stat().st_mtime - meta["saved_at"]
+    saved_after = (d / "checkpoints" / meta["cell_id"] / meta["state_file"]).stat().st_mtime - meta["saved_at"]
     assert abs(saved_after) < 5  # the metadata describes this very file
     latency = float(re.search(r"checkpoint at epoch 1 \+ \d+ steps ([\d.]+)s after the signal", out).group(1))
     print(f"SIGTERM -> checkpoint {latency:.2f}s later (the process's own clock), exit {proc.returncode} "
@@ -449,3 +459,554 @@ def test_checkpoint_cost_bench_reports_well_formed_numbers(tmp_path):
     assert 0 < r["save_seconds_median"] and 0 < r["load_seconds_median"] and len(r["save_seconds_all"]) == 2
     assert r["save_share_of_epoch"] == pytest.approx(r["save_seconds_median"] / r["cifar10_epoch_seconds_extrapolated"])
     assert "checkpoint" in done.stdout and "of it" in done.stdout
+
+
+# ----------------------------------------------------------------------------- the store goes away at resume
+
+
+class _Watch(io.TextIOBase):
+    """A stderr that sets `seen` once a line containing `needle` is written (and keeps every line)."""
+
+    def __init__(self, needle: str, seen: threading.Event) -> None:
+        self.needle, self.seen, self.lines = needle, seen, []
+
+    def write(self, text: str) -> int:
+        self.lines.append(text)
+        if self.needle in text:
+            self.seen.set()
+        return len(text)
+
+
+@contextlib.contextmanager
+def _store_held(db: Path, release: threading.Event):
+    """Another connection holds the SQLite store in an exclusive transaction (nobody reads or writes
+    it) from the start of the block until `release` is set or the block ends: a store that is down."""
+    held = threading.Event()
+
+    def hold() -> None:
+        con = sqlite3.connect(db, timeout=60)
+        con.execute("BEGIN EXCLUSIVE")
+        held.set()
+        release.wait(WAIT)
+        con.commit()
+        con.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(WAIT)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join()
+
+
+class _InProcessCell:
+    """The one cell of grid `one` run in this process by `execute_cell`, the worker's own call, on a real
+    store (a plain MlflowClient: a locked store fails once SQLite's busy timeout is out, not 5 minutes later)."""
+
+    def __init__(self, d: Path) -> None:
+        from ablations.config import load_experiments, resolve_cells
+        from ablations.run.runner import dataset_key, load_data
+        from ablations.tracking import ensure_experiment
+
+        write_store(d)
+        self.d, self.db = d, d / "mlflow.db"
+        self.client = MlflowClient(tracking_uri=uri(d))
+        (self.cell,) = resolve_cells(load_experiments(d / "experiments.yaml"), "one")
+        self.data = load_data([self.cell], cache_dir=d / "cache")[dataset_key(self.cell.config.dataset)]
+        self.experiment_id = ensure_experiment(self.client, uri(d), "one")
+        self.checkpoints = ckpt.Checkpoints(d / "checkpoints")
+        self.folder = d / "checkpoints" / self.cell.cell_id
+
+    def execute(self, guard=None):
+        from ablations.run.progress import GridProgress
+        from ablations.run.runner import execute_cell
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as a `--threads 1` worker: a loaded 2-core machine is not oversubscribed
+        try:
+            return execute_cell(self.cell, self.data, self.client, self.experiment_id, torch.device("cpu"),
+                                GridProgress("one", 1, stream=io.StringIO(), live=False), guard=guard,
+                                checkpoints=self.checkpoints)
+        finally:
+            torch.set_num_threads(threads)
+
+    def preempted_after_first_checkpoint(self) -> str:
+        """Run the cell until its epoch-1 checkpoint exists, then SIGTERM this process (what a preemption
+        sends): it checkpoints mid-epoch 2 and stops, its run KILLED. The run's id."""
+        previous = ckpt.STOP.install()
+        try:
+            def preempt_once_checkpointed(final: bool) -> None:
+                if ckpt.STOP.reason is None and self.checkpoints.meta(self.cell.cell_id):
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+            result = self.execute(guard=preempt_once_checkpointed)
+        finally:
+            ckpt.STOP.restore(previous)
+            ckpt.STOP.reset()
+        assert result.status == "STOPPED" and result.kind == "preempted", result
+        (run,) = cell_runs(self.d, "one")
+        assert run.info.status == "KILLED" and run.info.run_id == result.run_id
+        return result.run_id
+
+    def files(self) -> dict[str, bytes]:
+        return {f.name: f.read_bytes() for f in sorted(self.folder.iterdir())}
+
+
+@pytest.mark.slow
+def test_a_store_outage_at_resume_is_waited_out_and_the_cell_resumes_its_run(tmp_path):
+    """The store is down (locked by another connection) when a preempted cell is taken up again: the
+    worker waits it out and resumes the cell in its run from its checkpoint; it never starts afresh."""
+    cell = _InProcessCell(tmp_path / "outage")
+    stopped_run = cell.preempted_after_first_checkpoint()
+    failed_once = threading.Event()  # the store is back once the cell has met it down
+    watch = _Watch("database is locked", failed_once)
+    with _store_held(cell.db, failed_once), contextlib.redirect_stderr(watch):
+        result = cell.execute()
+    assert failed_once.is_set(), "".join(watch.lines)  # the outage was met
+    assert result.status == "FINISHED", (result, "".join(watch.lines))
+    assert result.run_id == stopped_run, f"the cell started afresh in a new run:\n{''.join(watch.lines)}"
+    (only,) = cell_runs(cell.d, "one")
+    assert only.data.tags["resumes"] == "1"
+    steps = [m.step for m in cell.client.get_metric_history(stopped_run, "train_loss")]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_store_down_past_the_retries_stops_the_cell_and_keeps_its_checkpoint(tmp_path, monkeypatch):
+    """The store stays down through every retry: the cell stops (exit 75, as a preemption: the README's
+    SLURM script requeues it) with its checkpoint untouched and no new run; once the store is back
+    the next run resumes the cell in its run."""
+    from ablations import tracking
+
+    cell = _InProcessCell(tmp_path / "down")
+    stopped_run = cell.preempted_after_first_checkpoint()
+    before = cell.files()
+    monkeypatch.setattr(tracking, "STORE_OUTAGE_SECONDS", 0.0)  # one attempt: down for good
+    watch = _Watch("database is locked", threading.Event())
+    with _store_held(cell.db, threading.Event()), contextlib.redirect_stderr(watch):
+        result = cell.execute()
+    assert (result.status, result.kind, result.exit_code) == ("STOPPED", "store_unreachable", EXIT_PREEMPTED), result
+    assert "database is locked" in result.reason
+    assert cell.files() == before  # neither deleted nor overwritten
+    (run,) = cell_runs(cell.d, "one")
+    assert run.info.run_id == stopped_run and run.info.status == "KILLED"
+
+    monkeypatch.undo()
+    again = cell.execute()
+    assert again.status == "FINISHED" and again.run_id == stopped_run, again
+    assert cell_runs(cell.d, "one")[0].data.tags["resumes"] == "1"
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+
+# A process that saves one checkpoint of a cell folder: `whole`; `pause`: it stops itself (SIGSTOP) in the
+# middle of writing the state, its temporary file open; `die_in_meta`: the kernel kills it (SIGXFSZ, a file
+# size limit) while it writes the metadata, the state already written.
+SAVER = """
+import collections, os, resource, signal, sys
+from pathlib import Path
+
+import torch
+
+from ablations.train import checkpoint as ckpt
+
+
+class PauseHere:
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return (collections.OrderedDict, ())  # what a weights_only load accepts
+
+
+folder, epoch, how = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+state = {"epoch": epoch, "weights": torch.full((1 << 18,), float(epoch))}  # 1 MiB
+meta = {"epoch": epoch}
+if how == "pause":
+    state["pause"] = PauseHere()
+elif how == "die_in_meta":
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it: the write would just fail
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, resource.RLIM_INFINITY))
+    meta["note"] = "x" * (4 << 20)
+ckpt.save(folder, state, meta)
+"""
+
+
+def _saver(folder: Path, epoch: int, how: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SAVER, str(folder), str(epoch), how], env=env(folder),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _stopped(pid: int) -> bool:
+    return re.search(r"^State:\s*T", Path(f"/proc/{pid}/status").read_text(), re.M) is not None
+
+
+def _paused_saver(folder: Path, epoch: int) -> subprocess.Popen:
+    """A live writer of `folder`, stopped in the middle of its save."""
+    proc = _saver(folder, epoch, "pause")
+    wait_until(lambda: _stopped(proc.pid) or proc.poll() is not None, f"a writer of {folder.name} pausing mid-save")
+    assert proc.poll() is None, proc.stdout.read()
+    return proc
+
+
+def _temps(folder: Path) -> set[str]:
+    return {f.name for f in folder.glob(".*tmp")}
+
+
+def _state(epoch: int) -> dict:
+    return {"epoch": epoch, "weights": torch.full((1 << 18,), float(epoch))}
+
+
+@pytest.mark.slow
+def test_the_next_save_removes_what_a_killed_save_left_and_keeps_live_writers_files(tmp_path):
+    """A save SIGKILLed midway leaves its temporary file behind; the next save of that cell
+    removes it. The temporary files of live writers (of this cell, of another cell) stay."""
+    root = tmp_path / "checkpoints"
+    mine, other = root / "cell_a", root / "cell_b"
+    ckpt.save(mine, _state(1), {"epoch": 1})
+    dead = _paused_saver(mine, 2)
+    dead.kill()
+    dead.communicate()
+    leaked = _temps(mine)
+    assert len(leaked) == 1  # what a save killed midway leaves
+    live_mine, live_other = _paused_saver(mine, 3), _paused_saver(other, 1)
+    live = _temps(mine) - leaked
+    assert len(live) == 1 and len(_temps(other)) == 1
+    other_before = _temps(other)
+
+    ckpt.save(mine, _state(4), {"epoch": 4})  # the next save of this cell
+    assert _temps(mine) == live, "the dead writer's temporary file is still there, or a live writer's is gone"
+    assert _temps(other) == other_before  # another cell's folder is not this save's to tidy
+
+    for proc in (live_mine, live_other):  # the live writers finish their saves
+        proc.send_signal(signal.SIGCONT)
+        out, _ = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, out
+    for folder, epoch in ((mine, 3), (other, 1)):
+        assert not _temps(folder)
+        assert ckpt.load(folder)["epoch"] == epoch == json.loads((folder / "last.json").read_text())["epoch"]
+
+
+@pytest.mark.slow
+def test_a_save_killed_between_state_and_metadata_leaves_one_consistent_checkpoint(tmp_path):
+    """A save killed by the kernel after its state is written but while its metadata is: the metadata
+    and the state that loads still describe one checkpoint (the previous one), and the next save leaves
+    one checkpoint and no temporary file."""
+    folder = tmp_path / "checkpoints" / "cell"
+    first = _saver(folder, 1, "whole")
+    out, _ = first.communicate(timeout=WAIT)
+    assert first.returncode == 0, out
+    killed = _saver(folder, 2, "die_in_meta")
+    out, _ = killed.communicate(timeout=WAIT)
+    assert killed.returncode == -signal.SIGXFSZ, out
+    meta = json.loads((folder / "last.json").read_text())
+    state = ckpt.load(folder)
+    assert state["epoch"] == meta["epoch"], f"the state is of epoch {state['epoch']}, its metadata says {meta['epoch']}"
+
+    ckpt.save(folder, _state(3), {"epoch": 3})
+    assert not _temps(folder) and len(list(folder.glob("*.pt"))) == 1
+    assert ckpt.load(folder)["epoch"] == 3 == json.loads((folder / "last.json").read_text())["epoch"]
+
+
+def _as_before_manifests(folder: Path) -> None:
+    """Rewrite the checkpoint in `folder` as checkpoints were written before manifests (a study started
+    on an older version, up to f9b81bc): its state in `last.pt`, its metadata in `last.json` beside it."""
+    meta = json.loads((folder / "last.json").read_text())
+    (folder / meta.pop("state_file")).rename(folder / "last.pt")
+    (folder / "last.json").write_text(json.dumps(meta, sort_keys=True))
+
+
+def test_a_checkpoint_written_before_manifests_loads_and_the_next_save_replaces_it(tmp_path):
+    checkpoints = ckpt.Checkpoints(tmp_path / "checkpoints")
+    folder = checkpoints.folder("cell")
+    ckpt.save(folder, _state(1), {"epoch": 1, "run_id": "r1"})
+    _as_before_manifests(folder)
+    assert sorted(f.name for f in folder.iterdir()) == ["last.json", "last.pt"]
+    assert checkpoints.exists("cell") and checkpoints.meta("cell") == {"epoch": 1, "run_id": "r1"}
+    assert ckpt.load(folder)["epoch"] == 1
+    (folder / "last.json").unlink()  # a kill between the two files of the old format: the state alone still loads
+    assert checkpoints.exists("cell") and checkpoints.meta("cell") is None and ckpt.load(folder)["epoch"] == 1
+
+    ckpt.save(folder, _state(2), {"epoch": 2, "run_id": "r1"})
+    (state,) = folder.glob("*.pt")
+    assert state.name != "last.pt" and checkpoints.meta("cell") == {"epoch": 2, "run_id": "r1", "state_file": state.name}
+    assert sorted(f.name for f in folder.iterdir()) == sorted(["last.json", state.name])
+    checkpoints.discard("cell")
+    assert not folder.exists() and not checkpoints.exists("cell") and checkpoints.meta("cell") is None
+
+
+@pytest.mark.slow
+def test_a_cell_checkpointed_before_manifests_resumes_in_its_run(tmp_path):
+    """A study's checkpoint in the older format (`last.pt` + `last.json`) is resumed in its run; its
+    first new checkpoint replaces the old files."""
+    cell = _InProcessCell(tmp_path / "legacy")
+    stopped_run = cell.preempted_after_first_checkpoint()
+    _as_before_manifests(cell.folder)
+    meta = cell.checkpoints.meta(cell.cell.cell_id)
+    assert meta["run_id"] == stopped_run and meta["epoch"] == 1 and meta["step_in_epoch"] > 0
+    at_the_end: list[list[str]] = []
+
+    def look_at_the_end(final: bool) -> None:
+        if final:  # the cell trained to the end: its checkpoint is still there, it goes once the run is FINISHED
+            at_the_end.append(sorted(f.name for f in cell.folder.iterdir()))
+
+    result = cell.execute(guard=look_at_the_end)
+    assert result.status == "FINISHED" and result.run_id == stopped_run, result
+    (only,) = cell_runs(cell.d, "one")
+    assert only.data.tags["resumes"] == "1"
+    assert [m.step for m in cell.client.get_metric_history(stopped_run, "train_loss")] == [1, 2, 3, 4]
+    ((manifest, state),) = at_the_end
+    assert manifest == "last.json" and state.startswith("state-") and state.endswith(".pt")
+    assert not cell.folder.exists()
+
+
+# ----------------------------------------------------------------------------- stops inside the long phases
+#
+# A stop request (SIGTERM/SIGUSR1, the time limit) must not wait for a whole evaluation, the weights
+# upload or the decoding of a dataset: SLURM kills a job KillWait (30 s by default) after its signal.
+
+QUICK = {
+    "defaults": {"dataset": {"name": "synthetic", "train_size": 64, "test_size": 32},
+                 "model": {"arch": "resnet20", "se": {"reduction": 4}},
+                 # 4 steps per epoch, 4 evaluation batches
+                 "train": {"epochs": 2, "batch_size": 16, "eval_batch_size": 8, "lr": 0.05, "warmup_epochs": 0},
+                 "seeds": [0]},
+    "grids": {"one": {"description": "one cell", "axes": {"model.se.reduction": [4]}}},
+}
+
+
+@pytest.fixture
+def quick_cell(tmp_path):
+    """(cell, client, experiment id, data, checkpoints): the cell of QUICK in a real MLflow store."""
+    from ablations.config import load_experiments, resolve_cells
+    from ablations.run.runner import dataset_key, load_data
+    from ablations.tracking import ensure_experiment
+
+    (tmp_path / "experiments.yaml").write_text(yaml.safe_dump(QUICK))
+    cell = resolve_cells(load_experiments(tmp_path / "experiments.yaml"), "one")[0]
+    client = MlflowClient(tracking_uri=uri(tmp_path))
+    exp = ensure_experiment(client, uri(tmp_path), "one")
+    data = load_data([cell], cache_dir=tmp_path / "cache")[dataset_key(cell.config.dataset)]
+    return cell, client, exp, data, ckpt.Checkpoints(tmp_path / "checkpoints")
+
+
+@pytest.fixture
+def stop_requests():
+    """STOP as a worker has it: SIGTERM/SIGUSR1 set the stop request. Undone after the test."""
+    previous = ckpt.STOP.install()
+    yield ckpt.STOP
+    ckpt.STOP.restore(previous)
+    ckpt.STOP.reset()
+
+
+def preempt_me() -> None:
+    os.kill(os.getpid(), signal.SIGUSR1)  # what SLURM sends; the handler has run when this returns
+
+
+class _Progress:
+    """The runner's progress display, quiet, calling `after_epoch(stats)` after each epoch."""
+
+    def __init__(self, after_epoch=None) -> None:
+        import io
+
+        from ablations.run.progress import GridProgress
+
+        self.inner, self.after_epoch = GridProgress("one", 1, io.StringIO(), live=False), after_epoch
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def on_epoch(self, stats) -> None:
+        self.inner.on_epoch(stats)
+        if self.after_epoch:
+            self.after_epoch(stats)
+
+
+class _EvalBatches:
+    """Counts the model's evaluation batches (forward passes of the whole model in eval mode, more than
+    one image: not the single-image complexity count); `on_first` runs at the first one."""
+
+    def __init__(self, on_first=None) -> None:
+        from senet.resnet import ResNet
+
+        self.seen, self.on_first, self.kind = 0, on_first, ResNet
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        if isinstance(module, self.kind) and not module.training and args[0].shape[0] > 1:
+            self.seen += 1
+            if self.seen == 1 and self.on_first:
+                self.on_first()
+
+
+def test_a_stop_during_evaluation_ends_it_at_the_next_batch_and_the_cell_resumes(quick_cell, stop_requests):
+    """A preemption at epoch 1's first evaluation batch stops the cell before the second (it used to
+    evaluate the whole test set first): STOPPED, its run KILLED, checkpointed at the end of epoch 1's
+    training; the next run evaluates epoch 1 and finishes, every epoch logged once."""
+    from ablations.run.runner import execute_cell
+
+    cell, client, exp, data, checkpoints = quick_cell
+    evals = _EvalBatches(on_first=preempt_me)
+    try:
+        stopped = execute_cell(cell, data, client, exp, torch.device("cpu"), _Progress(), checkpoints=checkpoints)
+    finally:
+        evals.handle.remove()
+    assert stopped.status == "STOPPED" and stopped.exit_code == EXIT_PREEMPTED
+    assert evals.seen == 1, f"the stop waited for {evals.seen} evaluation batches"
+    meta = checkpoints.meta(cell.cell_id)
+    assert (meta["epoch"], meta["step_in_epoch"]) == (0, 4)  # epoch 1 trained, not yet evaluated
+    assert client.get_run(stopped.run_id).info.status == "KILLED"
+    stop_requests.reset()
+
+    done = execute_cell(cell, data, client, exp, torch.device("cpu"), _Progress(), checkpoints=checkpoints)
+    assert done.status == "FINISHED" and done.run_id == stopped.run_id
+    assert [m.step for m in client.get_metric_history(done.run_id, "test_top1_err")] == [1, 2]
+
+
+def test_a_stop_during_evaluation_resumes_bit_exact(tmp_path):
+    """The checkpoint a stop inside evaluation leaves (the epoch trained, its accumulators) continues
+    the run bit for bit: the same history and final weights as the uninterrupted run."""
+    torch.set_num_threads(1)
+    cfg = _tiny_config()
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_batch_size": 8})})  # 4 batches
+    data = load_dataset("synthetic", "unused", train_size=64, test_size=32, cache_dir=tmp_path / "cache")
+    cpu = torch.device("cpu")
+    whole = train(cfg, _fresh_model(cfg), data, cpu)
+
+    model, evals = _fresh_model(cfg), []
+    model.register_forward_pre_hook(lambda m, args: None if m.training else evals.append(1))
+    path = tmp_path / "c"  # the checkpoint folder
+    with pytest.raises(TrainingStopped) as stopped:  # at epoch 2's first evaluation batch
+        train(cfg, model, data, cpu, on_checkpoint=lambda state: ckpt.save(path, state),
+              should_stop=lambda: ("preempted", "test stop") if len(evals) > 4 else None)
+    assert (stopped.value.epoch, stopped.value.step_in_epoch) == (1, 4) and len(evals) == 5
+    resumed = train(cfg, _fresh_model(cfg), data, cpu, resume=ckpt.load(path))
+    assert [(s.train_loss, s.train_err, s.test_top1_err, s.test_top5_err, s.lr) for s in resumed.history] == \
+           [(s.train_loss, s.train_err, s.test_top1_err, s.test_top5_err, s.lr) for s in whole.history]
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_stop_before_the_weights_upload_leaves_the_cell_resumable_and_logs_nothing_twice(quick_cell, stop_requests):
+    """A preemption after the last epoch (its checkpoint written) used to wait for the final metrics
+    and the weights upload (minutes to a remote store). Now the cell stops before them, resumable;
+    the next run trains nothing, logs the final metrics and the weights once and finishes."""
+    from ablations.run.runner import execute_cell
+
+    cell, client, exp, data, checkpoints = quick_cell
+    progress = _Progress(after_epoch=lambda s: s.epoch == 2 and preempt_me())
+    stopped = execute_cell(cell, data, client, exp, torch.device("cpu"), progress, checkpoints=checkpoints)
+    assert stopped.status == "STOPPED", "the stop waited for the upload: the cell finished"
+    assert client.get_run(stopped.run_id).info.status == "KILLED"
+    assert not client.get_metric_history(stopped.run_id, "final_top1_err")
+    assert not client.list_artifacts(stopped.run_id, "model")
+    assert checkpoints.meta(cell.cell_id)["epoch"] == 2
+    stop_requests.reset()
+
+    done = execute_cell(cell, data, client, exp, torch.device("cpu"), _Progress(), checkpoints=checkpoints)
+    assert done.status == "FINISHED" and done.run_id == stopped.run_id
+    assert len(client.get_metric_history(done.run_id, "final_top1_err")) == 1
+    assert [m.step for m in client.get_metric_history(done.run_id, "train_loss")] == [1, 2]
+    assert [a.path for a in client.list_artifacts(done.run_id, "model")] == ["model/weights.pt"]
+
+
+def _jpeg_tree(root: Path, train_per_class: int, side: int = 72) -> Path:
+    """train/ and val/ of two classes of random `side`-px JPEGs (above 64 px: decoded in chunks of 32)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train_per_class), ("val", 4)):
+        for cls in ("a", "b"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    return root
+
+
+def test_a_stop_request_ends_decoding_between_chunks(tmp_path):
+    """Decoding an image tree polls the stop request between chunks: it ends there, publishes nothing
+    (the next run decodes again) and the request's exception reaches the caller."""
+    tree = _jpeg_tree(tmp_path / "tree", 48)  # 104 images: 4 chunks
+    calls: list[int] = []
+
+    def stop_check() -> None:
+        calls.append(1)
+        raise TrainingStopped("test stop", "preempted")
+
+    with pytest.raises(TrainingStopped):
+        load_dataset("imagefolder", tree, cache_dir=tmp_path / "cache", stop_check=stop_check)
+    assert calls == [1]
+    assert not list((tmp_path / "cache").glob("*/meta.json")), "the decode ran to the end"
+
+
+def test_a_worker_preempted_while_decoding_stops_before_the_decode_ends_and_exits_75(tmp_path, monkeypatch,
+                                                                                     stop_requests, capsys):
+    """A preemption while the data is decoded (before any cell is claimed: hours for a big tree) ends
+    the worker between decode chunks with exit code 75, nothing decoded kept and nothing claimed."""
+    from ablations.cli import main
+
+    tree = _jpeg_tree(tmp_path / "tree", 48)
+    grid = {"defaults": {"dataset": {"name": "imagefolder", "root": str(tree)}, "model": {"arch": "resnet20"},
+                         "train": {"epochs": 1, "batch_size": 16}, "seeds": [0]},
+            "grids": {"trees": {"description": "one cell", "axes": {"model.se.reduction": [4]}}}}
+    (tmp_path / "experiments.yaml").write_text(yaml.safe_dump(grid))
+    monkeypatch.setenv("SENET_ABLATIONS_CACHE", str(tmp_path / "cache"))
+    preempt_me()  # the signal arrives as the worker starts: it is seen at the first decode chunk
+    code = main(["--config", str(tmp_path / "experiments.yaml"), "--grid", "trees", "--device", "cpu",
+                 "--tracking-uri", uri(tmp_path), "--results-dir", str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert code == EXIT_PREEMPTED, err
+    assert not list((tmp_path / "cache").glob("*/meta.json")), "the worker decoded the whole tree first"
+    assert "stopped: preempted (SIGUSR1)" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_resume_on_cuda_starts_from_the_exact_state_and_agrees_within_float_tolerance(tmp_path):
+    """What the README states for a GPU: a resumed run starts from exactly the saved state and sees
+    exactly the uninterrupted run's batches; its arithmetic is not bit-reproducible (cudnn.benchmark
+    picks kernels by timing them in each process, some backward kernels use atomics), so it agrees
+    with the uninterrupted run within float tolerance, not bit for bit."""
+    cfg = _tiny_config()
+    data = load_dataset("synthetic", "unused", train_size=64, test_size=32, cache_dir=tmp_path / "cache")
+    cuda = torch.device("cuda")
+
+    def at_training_forward(model, number: int) -> dict:
+        """What the model saw at its `number`-th training forward: the batch and its own weights then."""
+        seen: dict = {}
+        calls = [0]
+
+        def hook(m, args):
+            if m.training:
+                calls[0] += 1
+                if calls[0] == number:
+                    seen["batch"] = args[0].detach().float().cpu().clone()
+                    seen["state"] = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+        model.register_forward_pre_hook(hook)
+        return seen
+
+    model = _fresh_model(cfg)
+    whole_at = at_training_forward(model, 5)  # 64 images / 16: 4 steps per epoch, the 5th opens epoch 2
+    whole = train(cfg, model, data, cuda)
+
+    path, evaluated = tmp_path / "c", []  # the checkpoint folder
+    model = _fresh_model(cfg)
+    model.register_forward_pre_hook(lambda m, args: None if m.training else evaluated.append(1))
+    with pytest.raises(TrainingStopped):  # stopped once epoch 1 is trained
+        train(cfg, model, data, cuda, on_checkpoint=lambda state: ckpt.save(path, state),
+              should_stop=lambda: ("preempted", "test stop") if evaluated else None)
+    state = ckpt.load(path)
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 0)  # its one evaluation batch ran: the epoch's end
+    model = _fresh_model(cfg)
+    resumed_at = at_training_forward(model, 1)
+    resumed = train(cfg, model, data, cuda, resume=state)
+    # exact: the state it starts from, the batch it sees, the schedule
+    for name, saved in state["model"].items():
+        assert torch.equal(resumed_at["state"][name], saved), name
+    assert torch.equal(whole_at["batch"], resumed_at["batch"]), "the resumed run does not see the same batch"
+    assert resumed.history[1].lr == whole.history[1].lr
+    # within float tolerance: what the GPU computes from there
+    assert resumed.history[1].train_loss == pytest.approx(whole.history[1].train_loss, rel=1e-2)
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=1e-3, msg=name)

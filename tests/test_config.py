@@ -185,6 +185,46 @@ def test_presets_of_shipped_file(shipped):
     assert [x.seed for x in quick] == [0, 0, 1, 1] and quick[0].config.train.epochs == 5
 
 
+def _sizes(cells) -> set[tuple[str, int | None, int | None]]:
+    return {(c.config.dataset.name, c.config.dataset.train_size, c.config.dataset.test_size) for c in cells}
+
+
+def test_a_preset_gives_a_dataset_its_own_values(shipped):
+    """presets.P.datasets.<name> overrides the preset's dataset values in the cells of that dataset only."""
+    assert _sizes(resolve_cells(shipped, "imagenet_reduction", preset="smoke")) == {("imagenette", 320, 100)}
+    assert _sizes(resolve_cells(shipped, "imagenet_reduction", preset="quick")) == {("imagenette", 5000, 2000)}
+    # the dataset as the cell has it, after --set: Imagewoof's values
+    woof = resolve_cells(shipped, "imagenet_stage", preset="quick", sets=["dataset={name: imagewoof, root: w}"])
+    assert _sizes(woof) == {("imagewoof", 5000, 2000)}
+    # a --set beats the preset's values for the dataset
+    assert _sizes(resolve_cells(shipped, "imagenet_squeeze", preset="smoke", sets=["dataset.test_size=50"])) == {
+        ("imagenette", 320, 50)}
+    assert _sizes(resolve_cells(shipped, "reduction", preset="smoke")) == {("cifar10", 320, 200)}
+
+
+def test_presets_fit_the_datasets_they_run_on(shipped):
+    """No preset asks a dataset for more images than it has (the full datasets' sizes the estimate uses)."""
+    from ablations.run.estimate import DATASET_SIZES
+
+    for preset in (name for name, p in shipped.presets.items() if p.dataset or p.datasets):
+        for grid in shipped.grids:
+            for name in ("imagenette", "imagewoof") if grid.startswith("imagenet_") else ("cifar10",):
+                for c in resolve_cells(shipped, grid, preset=preset, sets=[f"dataset.name={name}"], seeds=[0]):
+                    ds, (train, test) = c.config.dataset, DATASET_SIZES[name]
+                    assert (ds.train_size or 0) <= train and (ds.test_size or 0) <= test, (preset, grid, name)
+
+
+def test_per_dataset_values_leave_the_cifar_cells_as_they_were(shipped):
+    """A study's store is keyed by cell ids: the CIFAR cells of every preset keep theirs."""
+    plain = shipped.model_copy(update={"presets": {
+        k: p.model_copy(update={"datasets": {}}) for k, p in shipped.presets.items()}})
+    assert any(p.datasets for p in shipped.presets.values())
+    for preset in shipped.presets:
+        for grid in (g for g in shipped.grids if not g.startswith("imagenet_")):
+            ids = [(c.cell_id, c.legacy_id) for c in resolve_cells(shipped, grid, preset=preset)]
+            assert ids == [(c.cell_id, c.legacy_id) for c in resolve_cells(plain, grid, preset=preset)], (preset, grid)
+
+
 # ----------------------------------------------------------------------------- malformed files
 
 
@@ -227,6 +267,16 @@ MALFORMED = {
     "unknown key in grid override": (AXES + "      model.se.reduction: [2]\n    model: {se: {reductio: 3}}\n", "grids.x.model.se.reductio: unknown key"),
     "grid override breaks the model": (AXES + "      model.se.squeeze: [avg]\n    model: {se: {reduction: 32}}\n", "grids.x.model.se.reduction: r=32 is too large"),
     "unknown key in preset": (AXES + "      model.se.reduction: [2]\npresets:\n  p: {train: {epoch: 1}}\n", "presets.p.train.epoch: unknown key"),
+    "preset dataset values: unknown key": (AXES + "      model.se.reduction: [2]\npresets:\n  p: {datasets: {imagenette: {train_sizee: 5}}}\n",
+                                           "presets.p.datasets.imagenette.train_sizee: unknown key"),
+    "preset dataset values: bad value": (AXES + "      model.se.reduction: [2]\npresets:\n  p: {datasets: {imagewoof: {test_size: 0}}}\n",
+                                         "presets.p.datasets.imagewoof.test_size: 0: Input should be greater than 0"),
+    "preset dataset values: no such dataset": (AXES + "      model.se.reduction: [2]\npresets:\n  p: {datasets: {imagenet_te: {test_size: 5}}}\n",
+                                               "presets.p.datasets.imagenet_te: no such dataset (have: cifar10, cifar100, imagefolder,"),
+    "preset dataset values: a name": (AXES + "      model.se.reduction: [2]\npresets:\n  p: {datasets: {imagenette: {name: imagewoof}}}\n",
+                                      "presets.p.datasets.imagenette.name: the key imagenette names the dataset"),
+    "preset dataset values: not a mapping": (AXES + "      model.se.reduction: [2]\npresets:\n  p: {datasets: {imagenette: 100}}\n",
+                                             "presets.p.datasets.imagenette: 100: Input should be a valid dictionary"),
     "grid without description": ("grids:\n  x: {axes: {model.se.reduction: [2]}}\n", "grids.x.description: Field required"),
     "variants resolve to the same config": (AXES + "      model.se: [null]\n    baseline: true\n", "grids.x: variants 'baseline' and 'se=none'"),
 }
@@ -282,6 +332,37 @@ def test_resolve_cells_errors(shipped):
     )
     assert err(seeds=[1, 1]) == "--seeds: 1 repeats"
     assert err(seeds=[]).startswith("--seeds:")
+
+
+def _dry_run_configs(capsys, *args: str) -> list[dict]:
+    """The configs `--dry-run --json` resolves, one per cell, through the command line in this process."""
+    from ablations.cli import main
+
+    assert main(["--config", str(SHIPPED), "--dry-run", "--json", "--device", "cpu", "--seeds", "0", *args]) == 0
+    return [row["config"] for row in json.loads(capsys.readouterr().out)]
+
+
+def test_a_later_set_of_a_sub_key_merges_into_an_earlier_mapping(capsys):
+    """The README's pair in either order: the mapping's other keys stay, the sub-key is the later one's."""
+    mapping = "dataset={name: imagewoof, root: data/imagewoof2-320}"
+    for sets in ([mapping, "dataset.image_size=128"], ["dataset.image_size=128", mapping]):
+        configs = _dry_run_configs(capsys, "--grid", "imagenet_reduction", *(a for s in sets for a in ("--set", s)))
+        assert len(configs) == 6
+        assert {(c["dataset"]["name"], c["dataset"]["root"], c["dataset"]["image_size"]) for c in configs} == {
+            ("imagewoof", "data/imagewoof2-320", 128)}  # the mapping has no image_size: it merges either way
+
+
+def test_a_set_whose_every_key_later_sets_replace_is_an_error(shipped):
+    """Only when each key an earlier --set gave is overwritten does it reach no cell."""
+    with pytest.raises(ConfigError) as info:
+        resolve_cells(shipped, "imagenet_reduction",
+                      sets=["dataset={name: imagewoof, image_size: 128}", "dataset.name=imagenette", "dataset.image_size=224"])
+    assert str(info.value) == ("--set dataset={name: imagewoof, image_size: 128}: no cell of grid imagenet_reduction "
+                               "uses it: the later --set dataset.image_size=224 replaces it")
+    # one key left standing is enough
+    (cell,) = resolve_cells(shipped, "imagenet_reduction", seeds=[0],
+                            sets=["dataset={name: imagewoof, image_size: 128}", "dataset.name=imagenette"])[:1]
+    assert (cell.config.dataset.name, cell.config.dataset.image_size) == ("imagenette", 128)
 
 
 def test_preset_blamed(tmp_path):

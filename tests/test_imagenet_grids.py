@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -134,6 +135,39 @@ def test_imagenet_grid_end_to_end_names_dataset_and_resolution(tmp_path, monkeyp
         assert math.isfinite(r.data.metrics["train_loss"])
     table = (tmp_path / "results" / "imagenette" / "imagenet_squeeze" / "table.md").read_text()
     assert "on imagenette at 64x64 px" in table
+
+
+def _images_per_split(archive: Path) -> dict[str, int]:
+    """Image files per split (train, val) of an image-tree archive, counted from its member list."""
+    import tarfile
+
+    counts: dict[str, int] = {}
+    with tarfile.open(archive) as tar:
+        for m in tar:
+            parts = Path(m.name).parts
+            if m.isfile() and len(parts) == 4:  # <tree>/<split>/<class>/<image>
+                counts[parts[1]] = counts.get(parts[1], 0) + 1
+    return counts
+
+
+@needs_imagenette
+def test_smoke_preset_fits_the_imagenette_sample(tmp_path, capsys):
+    """--preset smoke on every imagenet_* grid asks the 500-image sample for no more images than it has,
+    and the dataset the dry run prints loads from it as asked."""
+    from ablations.config import DatasetConfig
+    from ablations.data import load_dataset
+
+    assert _images_per_split(IMAGENETTE_TGZ) == {"train": 400, "val": 100}
+    rows = _dry_run(capsys, *(a for g in GRIDS for a in ("--grid", g)), "--preset", "smoke",
+                    "--data-root", str(IMAGENETTE_TGZ))
+    assert len(rows) == 26
+    (dataset,) = {json.dumps(r["config"]["dataset"], sort_keys=True) for r in rows}  # one dataset for every grid
+    ds = DatasetConfig.model_validate(json.loads(dataset))
+    assert (ds.name, ds.root, ds.train_size, ds.test_size) == ("imagenette", str(IMAGENETTE_TGZ), 320, 100)
+    data = load_dataset(ds.name, ds.root, classes=ds.classes, train_size=ds.train_size, test_size=ds.test_size,
+                        subset_seed=ds.subset_seed, image_size=ds.image_size, download=False,
+                        cache_dir=tmp_path / "cache")
+    assert (len(data.train), len(data.test), len(data.classes)) == (320, 100, 10)
 
 
 def test_class_list_file_in_the_config(shipped, tmp_path, monkeypatch):

@@ -4,6 +4,9 @@ atomic writes. Real processes and files; nothing mocked."""
 from __future__ import annotations
 
 import math
+import os
+import socket
+import time
 import subprocess
 import sys
 
@@ -11,7 +14,7 @@ import pytest
 import torch
 
 from ablations.util.device import resolve_device
-from ablations.util.fs import atomic_write
+from ablations.util.fs import ABANDONED_AFTER_SECONDS, abandoned, atomic_write, writer_of, writer_tag
 from ablations.util.paths import beside_store, store_folder
 from ablations.util.procs import pid_alive
 from ablations.util.timefmt import eta, fmt_duration, fmt_long
@@ -74,3 +77,32 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
         atomic_write(target, broken)
     assert target.read_bytes() == b"first"  # the old file, intact
     assert sorted(p.name for p in target.parent.iterdir()) == ["state.bin"]  # no temp file left behind
+
+
+def test_files_named_after_their_writer_tell_a_dead_writer_from_a_live_one(tmp_path):
+    host = socket.gethostname()
+    assert writer_of(f".state-1a@{host}@42.pt@{host}@43.tmp") == (host, 43)  # a temp of a state file
+    assert writer_of("state-1a@node-7.cluster@42.pt") == ("node-7.cluster", 42)
+    assert writer_of(".last.pt.4242.tmp") == (None, 4242)  # a temp of an older version: a pid alone
+    assert writer_of("last.pt") is None and writer_of("last.json") is None
+    assert writer_tag() == f"@{host}@{os.getpid()}"
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # its process has ended
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        files = {name: tmp_path / name for name in (
+            f".a@{host}@{dead_pid}.tmp", f".b.{dead_pid}.tmp", f".c@{host}@{live.pid}.tmp", f".d{writer_tag()}.tmp",
+            f".e@another-host@{dead_pid}.tmp", "f.pt")}
+        for f in files.values():
+            f.write_bytes(b"half")
+        assert {name for name, f in files.items() if abandoned(f)} == {
+            f".a@{host}@{dead_pid}.tmp", f".b.{dead_pid}.tmp", f".d{writer_tag()}.tmp"}  # dead, older format, this one
+        old = time.time() - ABANDONED_AFTER_SECONDS - 60
+        for name in (f".e@another-host@{dead_pid}.tmp", "f.pt"):
+            os.utime(files[name], (old, old))
+        assert abandoned(files[f".e@another-host@{dead_pid}.tmp"])  # another host's: by its age only
+        assert not abandoned(files["f.pt"])  # named after no writer: never
+        assert not abandoned(tmp_path / f".gone@{host}@{dead_pid}.tmp")
+    finally:
+        live.communicate(b"")

@@ -61,6 +61,9 @@ GRID_FILE = {
         "diverge": {"description": "one cell diverges (NaN within 4 steps)", "axes": {"train.lr": [0.05, 1.0e+12]},
                     "dataset": {"train_size": 128}, "seeds": [0]},
         "unit": {"description": "queue tests (nothing trains)", "axes": {"model.se.reduction": [4, 8, 16]}},
+        # a SLURM array of 6 tasks on a store of its own (cells of their own all the same)
+        "slurm6": {"description": "6 array tasks start together", "axes": {"model.se.reduction": [4, 8, 16]},
+                   "dataset": {"test_size": 24}, "seeds": [0, 1]},
     },
 }
 FAST = ["--heartbeat", "1", "--grace", "4"]  # a dead worker's cell is taken back within seconds
@@ -127,18 +130,6 @@ def completed_once(trials: list, n: int) -> list:
     assert all(t.state == TrialState.FAIL and "failure_kind" not in t.user_attrs and t.user_attrs.get("attempt", 0) == 0
                for t in others), [(t.number, t.state, t.user_attrs) for t in others]
     return complete
-
-
-def wait_for_epoch(d: Path, grid: str, procs: list[subprocess.Popen], worker: str | None = None) -> object:
-    """A RUNNING run (of `worker`, if given) that has logged epoch 1 of 2: a cell half done."""
-    client = MlflowClient(tracking_uri=uri(d))
-
-    def half_done() -> object:
-        assert all(p.poll() is None for p in procs), "a worker ended early:\n" + procs[0].stdout.read()
-        return next((r for r in runs(d, grid) if r.info.status == "RUNNING" and worker in (None, r.data.tags.get("worker"))
-                     and client.get_metric_history(r.info.run_id, "train_loss")), None)
-
-    return wait_until(half_done, "a cell reaching its first epoch")
 
 
 def freeze_at_checkpoint(d: Path, grid: str, proc: subprocess.Popen, worker: str) -> object:
@@ -327,9 +318,18 @@ def test_failed_cell_is_retried_then_named(workdir):
 def test_ctrl_c_marks_killed_and_reruns_next_time(workdir):
     """SIGINT to the launcher: its workers mark their runs KILLED and trials interrupted; exit 130.
     The next launch runs those cells again, and only those."""
-    launcher = start(workdir, *args_for(workdir, "--grid", "ctrlc", "--workers", "2", *FAST))
-    wait_for_epoch(workdir, "ctrlc", [launcher])
+    from test_checkpoint import freeze_each_worker_at_its_first_checkpoint, pending_signals
+
+    # grace far above any freeze below: a frozen worker must not look dead to the other one
+    launcher = start(workdir, *args_for(workdir, "--grid", "ctrlc", "--workers", "2", "--heartbeat", "1", "--grace", "900"))
+    # each worker frozen mid-cell (at its first checkpoint), so a fast machine cannot finish the grid before
+    # the signal: under load 9 a cell once finished between its first epoch being seen and the SIGINT landing
+    workers = freeze_each_worker_at_its_first_checkpoint(workdir, launcher, 2)
     launcher.send_signal(signal.SIGINT)
+    for pid in workers:  # the launcher has passed Ctrl-C on: it waits in each frozen worker
+        wait_until(lambda: signal.SIGINT in pending_signals(pid), f"SIGINT pending in worker {pid}")
+    for pid in workers:
+        os.kill(pid, signal.SIGCONT)
     out = wait_for_exit(launcher)
     assert launcher.returncode == 130, out
     killed = [r for r in runs(workdir, "ctrlc") if r.info.status == "KILLED"]
@@ -349,6 +349,32 @@ def test_ctrl_c_marks_killed_and_reruns_next_time(workdir):
     for run in killed:
         again = by_id[run.info.run_id]
         assert (again.info.status, again.data.tags.get("resumes")) in (("FINISHED", "1"), ("KILLED", None))
+
+
+@pytest.mark.slow
+def test_slurm_array_starting_together_passes_its_preflights_and_runs_each_cell_once(tmp_path):
+    """Six array tasks start at once on one fresh store: each does what a task does on its GPU node,
+    the preflight (one step and one store write) and then `run_ablation.py worker`. On a CPU the worker
+    skips its preflight, so each task runs `python -m ablations.run.preflight` before it, as its gate
+    would. Every task passes (a preflight exit 2 is not requeued by the README's script) and every cell
+    runs exactly once."""
+    d = tmp_path / "array"
+    d.mkdir()
+    (d / "experiments.yaml").write_text(yaml.safe_dump(GRID_FILE, sort_keys=False))
+    MlflowClient(tracking_uri=uri(d)).search_experiments()  # MLflow's migrations take one creator: tables first
+    preflight = shlex.join([sys.executable, "-m", "ablations.run.preflight", "--device", "cpu", "--tracking-uri", uri(d)])
+    worker = shlex.join([sys.executable, str(ROOT / "run_ablation.py"), "worker",
+                         *args_for(d, "--grid", "slurm6", "--heartbeat", "1", "--grace", "60", *ONE_CORE)])
+    task = f"{preflight} || exit $?; exec {worker}"
+    tasks = [subprocess.Popen(["sh", "-c", task], cwd=d, env={**env(d), "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(6)]
+    outs = [wait_for_exit(p) for p in tasks]
+    failed = [f"task {i} exit {p.returncode}:\n{out}" for i, (p, out) in enumerate(zip(tasks, outs)) if p.returncode != 0]
+    assert not failed, "\n".join(failed)
+    assert all("preflight ok on cpu" in out and "MLflow write ok" in out for out in outs)
+    assert_exactly_once(d, "slurm6", 6)
+    client = MlflowClient(tracking_uri=uri(d))  # the probes leave nothing the report or the UI would list
+    assert {e.name for e in client.search_experiments()} == {"Default", "slurm6"}
 
 
 # ----------------------------------------------------------------------------- the queue itself
@@ -423,6 +449,7 @@ def test_stale_trial_is_taken_back_and_lost_claim_stops_the_cell(workdir, tmp_pa
     silent = q.claim()
     H.beat(q, silent)  # a worker that dies after its first heartbeat
     hb = H.Heartbeat(q, q.claim())  # a live one: its beats keep its trial
+    assert H.reap_stale(q) == []  # a first look: a heartbeat's age is timed from it, on this reader's clock
     time.sleep(3)
     taken = H.reap_stale(q)
     assert [t.number for t in taken] == [silent.number]

@@ -6,6 +6,8 @@ later one winning:
 
     defaults < grid overrides < preset < --set items < the variant's axis values
 
+(a preset: its own values < its values for the grid < its values for the cell's dataset, by name)
+
 Dicts merge deeply; lists and scalars replace. Every problem surfaces as a
 one-line ConfigError that starts with where it came from, e.g.
 `grids.reduction.axes.model.se.reduction[4]: r=32 is too large for ...`, and

@@ -14,9 +14,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from ablations.config.classes import as_trained
-from ablations.config.layers import Layer, defaults_layer, known_key, nest, resolve, section_layer
+from ablations.config.layers import Layer, dataset_layer, defaults_layer, for_cell, known_key, nest, resolve, section_layer
 from ablations.config.overrides import check_seeds, check_sets_read, check_sets_used, set_layer
-from ablations.config.schema import ConfigError, ExperimentConfig, ExperimentsFile, GridConfig
+from ablations.config.schema import ConfigError, ExperimentConfig, ExperimentsFile, GridConfig, Preset
 from senet.config import short_repr
 
 # Not part of what was run: where the data lives, and how often a cell saves its progress.
@@ -131,7 +131,8 @@ def _check_axes(name: str, grid: GridConfig) -> None:
 
 
 def expand(exps: ExperimentsFile, name: str, extra: Sequence[Layer], seeds: Sequence[int]) -> list[Cell]:
-    """Every variant x seed of one grid; extra = the preset and --set layers."""
+    """Every variant x seed of one grid; extra = the preset and --set layers (a layer for one dataset
+    applies to the cells of that dataset only)."""
     grid = exps.grids[name]
     _check_axes(name, grid)
     base = [defaults_layer(exps), section_layer(f"grids.{name}", grid), *extra]
@@ -150,10 +151,10 @@ def expand(exps: ExperimentsFile, name: str, extra: Sequence[Layer], seeds: Sequ
         variant_layers.append(layers)
     check_sets_used(name, base, variant_layers)
     if grid.baseline:
-        variants.append(("baseline", {}, resolve([*base, no_se], seeds[0])))
+        variants.append(("baseline", {}, resolve(for_cell([*base, no_se]), seeds[0])))
     for combo, layers in zip(itertools.product(*indexed), variant_layers[1 if grid.baseline else 0:]):
         axes = {key: value for key, (_, value) in zip(grid.axes, combo)}
-        cfg = resolve([*base, *layers], seeds[0])  # first: a bad value's name could be a huge alias bomb
+        cfg = resolve(for_cell([*base, *layers]), seeds[0])  # first: a bad value's name could be a huge alias bomb
         variants.append((variant_name(axes), axes, cfg))
     check_sets_read(name, base, [cfg for _, _, cfg in variants])
 
@@ -178,6 +179,16 @@ def expand(exps: ExperimentsFile, name: str, extra: Sequence[Layer], seeds: Sequ
     ]
 
 
+def preset_layers(name: str, preset: Preset, grid: str) -> list[Layer]:
+    """A preset's layers for one grid: its own values < its values for the grid < its values for a dataset."""
+    layers = [section_layer(f"presets.{name}", preset)]
+    if grid in preset.grids:
+        layers.append(section_layer(f"presets.{name}.grids.{grid}", preset.grids[grid]))
+    layers.extend(dataset_layer(f"presets.{name}.datasets.{dataset}", dataset, values)
+                  for dataset, values in preset.datasets.items())
+    return layers
+
+
 def resolve_cells(
     exps: ExperimentsFile,
     grid: str,
@@ -197,10 +208,9 @@ def resolve_cells(
             have = ", ".join(exps.presets) or "none"
             raise ConfigError(f"--preset {preset}: no such preset (have: {have})")
         p = exps.presets[preset]
-        extra.append(section_layer(f"presets.{preset}", p))
+        extra.extend(preset_layers(preset, p, grid))
         chosen = p.seeds or chosen
         if grid in p.grids:
-            extra.append(section_layer(f"presets.{preset}.grids.{grid}", p.grids[grid]))
             chosen = p.grids[grid].seeds or chosen
     extra.extend(set_layer(item) for item in sets)
     if seeds is not None:

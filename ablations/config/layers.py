@@ -2,6 +2,8 @@
 
     defaults < grid overrides < preset < --set items < the variant's axis values
 
+(a preset: its own values < its values for the grid < its values for the cell's dataset, by name)
+
 Dicts merge deeply; lists and scalars replace. The merged config is validated, then its model is
 built on the meta device; a problem becomes a one-line ConfigError that starts with the path of
 the layer at fault (e.g. `grids.reduction.axes.model.se.reduction[4]: ...`).
@@ -19,7 +21,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch.overrides import TorchFunctionMode
 
-from ablations.config.schema import SECTIONS, ConfigError, ExperimentConfig, ExperimentsFile
+from ablations.config.schema import SECTIONS, ConfigError, DatasetConfig, ExperimentConfig, ExperimentsFile
 from senet import build_model
 from senet.config import ModelConfig, format_validation_error
 
@@ -32,6 +34,7 @@ class Layer:
     data: dict[str, Any]  # nested override
     key: str | None = None  # the dotted key a --set item or axis value sets
     attach: bool = False  # write a deeper error path onto `path` (axis values) rather than quote it
+    for_dataset: str | None = None  # applies only to cells whose dataset has this name (a preset's `datasets:`)
 
 
 class _Problem(Exception):
@@ -155,7 +158,9 @@ def _locate(layer: Layer, loc: str, detail: str) -> str:
     if not loc:
         return f"{layer.path}: {detail}"
     if layer.key is None:  # a file section: point into it when it spells out the path itself
-        return f"{layer.path}.{loc}: {detail}" if _sets(layer.data, loc) else f"{layer.path}: {loc}: {detail}"
+        # a preset's `datasets.<name>` holds the dataset section's fields themselves
+        inner = loc.removeprefix("dataset.") if layer.for_dataset is not None else loc
+        return f"{layer.path}.{inner}: {detail}" if _sets(layer.data, loc) else f"{layer.path}: {loc}: {detail}"
     if loc == layer.key:
         return f"{layer.path}: {detail}"
     if layer.attach and loc.startswith((layer.key + ".", layer.key + "[")):
@@ -169,6 +174,23 @@ def resolve(layers: Sequence[Layer], seed: int) -> ExperimentConfig:
         return _try_resolve(layers, seed)
     except _Problem as p:
         raise ConfigError(_locate(_blame(layers, p.loc, seed), p.loc, p.detail)) from None
+
+
+def dataset_layer(path: str, name: str, values: Mapping[str, Any]) -> Layer:
+    """A preset's values for the cells of one dataset (`presets.P.datasets.<name>`)."""
+    return Layer(path, {"dataset": dict(values)}, for_dataset=name)
+
+
+def for_cell(layers: Sequence[Layer]) -> list[Layer]:
+    """The layers one cell resolves from: a layer for one dataset only where the cell's dataset has that
+    name, as every other layer (axis values and --set items included) leaves it."""
+    data: dict[str, Any] = {}
+    for layer in layers:
+        if layer.for_dataset is None:
+            data = merge(data, layer.data)
+    section = data.get("dataset")
+    name = section.get("name", DatasetConfig.model_fields["name"].default) if isinstance(section, Mapping) else None
+    return [layer for layer in layers if layer.for_dataset in (None, name)]
 
 
 def defaults_layer(exps: ExperimentsFile) -> Layer:

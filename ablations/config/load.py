@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import ValidationError
 
-from ablations.config.cells import expand
-from ablations.config.layers import defaults_layer, resolve, section_layer
-from ablations.config.schema import ConfigError, ExperimentsFile
+from ablations.config.cells import expand, preset_layers
+from ablations.config.layers import Layer, dataset_layer, defaults_layer, resolve, section_layer
+from ablations.config.schema import ConfigError, DatasetConfig, ExperimentsFile
 from senet.config import format_validation_error
 
 
@@ -49,6 +49,20 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
 
 
+def _check_dataset_values(exps: ExperimentsFile, preset: str, dataset: str, values: dict[str, Any]) -> None:
+    """A preset's values for one dataset: a dataset's name as key, and the dataset section's fields."""
+    path = f"presets.{preset}.datasets.{dataset}"
+    names = get_args(DatasetConfig.model_fields["name"].annotation)
+    if dataset not in names:
+        raise ConfigError(f"{path}: no such dataset (have: {', '.join(names)})")
+    if "name" in values:
+        raise ConfigError(f"{path}.name: the key {dataset} names the dataset these values are for; leave name out")
+    # on the defaults, as if the cell's dataset had that name (the values only reach such cells)
+    named = Layer(path, {"dataset": {"name": dataset}})
+    resolve([defaults_layer(exps), section_layer(f"presets.{preset}", exps.presets[preset]), named,
+             dataset_layer(path, dataset, values)], exps.defaults.seeds[0])
+
+
 def load_experiments(path: str | Path) -> ExperimentsFile:
     """Parse and validate an experiments file, down to building every cell's model on meta."""
     path = Path(path)
@@ -63,11 +77,13 @@ def load_experiments(path: str | Path) -> ExperimentsFile:
         raise ConfigError(format_validation_error(exc)) from None
     for name, preset in exps.presets.items():
         resolve([defaults_layer(exps), section_layer(f"presets.{name}", preset)], exps.defaults.seeds[0])
+        for dataset, values in preset.datasets.items():
+            _check_dataset_values(exps, name, dataset, values)
         for grid, values in preset.grids.items():
             if grid not in exps.grids:
                 raise ConfigError(f"presets.{name}.grids.{grid}: no such grid (have: {', '.join(exps.grids)})")
-            layers = [section_layer(f"presets.{name}", preset), section_layer(f"presets.{name}.grids.{grid}", values)]
-            expand(exps, grid, layers, values.seeds or preset.seeds or exps.grids[grid].seeds or exps.defaults.seeds)
+            expand(exps, grid, preset_layers(name, preset, grid),
+                   values.seeds or preset.seeds or exps.grids[grid].seeds or exps.defaults.seeds)
     for name, grid in exps.grids.items():
         expand(exps, name, (), grid.seeds or exps.defaults.seeds)
     return exps

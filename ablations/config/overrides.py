@@ -80,13 +80,21 @@ def _holds(data: Any, probe: _Probe) -> bool:
     return isinstance(data, list) and any(_holds(v, probe) for v in data)
 
 
+def _probed(value: Any, probe: _Probe) -> Any:
+    """The value with a probe at each leaf: a later --set of one sub-key merges into a mapping and
+    replaces that key only, so the mapping reaches the config while any of its keys does."""
+    if isinstance(value, Mapping) and value:
+        return {k: _probed(v, probe) for k, v in value.items()}
+    return probe
+
+
 def _replaced_by(layers: Sequence[Layer], i: int) -> Layer | None:
-    """The later layer that replaces the value layers[i] sets, or None when the value reaches the config."""
+    """The later layer that replaces the last of the values layers[i] sets, or None when one reaches the config."""
     probe = _Probe()
     data: dict[str, Any] = {}
     for layer in layers[:i]:
         data = merge(data, layer.data)
-    data = merge(data, nest(layers[i].key or "", probe))
+    data = merge(data, _probed(layers[i].data, probe))
     for layer in layers[i + 1:]:
         data = merge(data, layer.data)
         if not _holds(data, probe):

@@ -176,6 +176,9 @@ class Preset(_Strict):
     train: Overrides = {}
     seeds: Seeds | None = None
     grids: dict[str, PresetGrid] = {}
+    # Dataset values for the cells of one dataset (by its name), over `dataset:` and `grids:` above: a
+    # preset's sizes made for CIFAR may ask more images than a smaller dataset has (e.g. the Imagenette sample).
+    datasets: dict[str, Overrides] = {}
 
 
 class ExperimentsFile(_Strict):

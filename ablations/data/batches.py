@@ -116,7 +116,8 @@ def iterate_batches(
     the k skipped batches' random draws are consumed (without augmenting anything).
 
     resident: None decides (a CUDA split that fits is copied to the GPU once, then every batch
-    is a device gather); False streams from the host arrays; True forces residency.
+    is a device gather); False streams from the host arrays (unless a copy is there already);
+    True makes the split resident (on a CPU too: a copy in host memory).
     All per-epoch setup (order, generators, normalisation constants) happens here, before the
     first batch, so the loop itself copies nothing between host and device when resident.
     """
@@ -130,19 +131,18 @@ def iterate_batches(
     order = torch.randperm(n, generator=_epoch_generator(seed, epoch), device="cpu") if train else None
     gen = augmentation_generator(seed, epoch, device)
 
-    if isinstance(split, Split) and device.type == "cuda":
-        if resident is None and not is_resident(split, device):
+    if isinstance(split, Split):
+        if device.type == "cuda" and resident is None and not is_resident(split, device):
             resident, why = fits_on_device(split, device)
             say_once(split, device, resident, why if resident else why + "; streaming it from host memory")
         if resident or is_resident(split, device):
             try:
-                split = device_split(split, device)  # whole split resident: batches are pure GPU gathers
+                split = device_split(split, device)  # whole split resident: batches are pure device gathers
             except torch.cuda.OutOfMemoryError as exc:  # the room went (another worker) between sizing and copying
                 why = str(exc).splitlines()[0][:120] if str(exc) else "out of memory"
                 say_once(split, device, False, f"copying the data to the GPU failed ({why}); streaming it from host memory")
-                torch.cuda.empty_cache()
-    elif isinstance(split, Split) and resident and device.type != "cpu":
-        split = device_split(split, device)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
 
     end = n - n % batch_size if drop_last else n
     constants = augment.affine_constants(dataset.mean, dataset.std, device)

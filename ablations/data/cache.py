@@ -171,11 +171,14 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     return _stats_from_hist(hist)
 
 
-def decode_image_tree(name: str, src: Path, listing: Listing, side: int | None, dst: Path) -> None:
+def decode_image_tree(name: str, src: Path, listing: Listing, side: int | None, dst: Path,
+                      stop_check: Callable[[], None] | None = None) -> None:
     """Decode the listed images of a tree (or tar archive of one) straight into the cache's .npy files.
 
     RAM stays bounded whatever the dataset's size: images go from a bounded queue of decoded
     chunks to their row of the on-disk array; channel statistics are streaming 256-bin histograms.
+    ``stop_check()`` is called before each chunk is handed out and may raise to stop: a big tree
+    decodes for hours, longer than a stop request (SIGTERM, a time limit) may wait.
     """
     where = str(src)
     pos = {key: (s, i) for s in SPLITS for i, key in enumerate(listing.items[s])}
@@ -241,6 +244,8 @@ def decode_image_tree(name: str, src: Path, listing: Listing, side: int | None, 
                 for item in it:
                     chunk.append(item)
                     if len(chunk) == step:
+                        if stop_check is not None:
+                            stop_check()  # the chunks in flight are cancelled or finish (seconds), below
                         pending.append(pool.submit(run, chunk))
                         chunk = []
                         drain(2 * workers)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +72,16 @@ def clear_device_cache() -> None:
     _DEVICE_CACHE.clear()
 
 
+def release_device_splits(keep: Iterable[Split] = ()) -> None:
+    """Drop the device copies of every split but ``keep``'s. A worker holds its datasets for its whole
+    life, so a copy would otherwise stay on the GPU after its cell, whatever the next cell trains on.
+    The memory returns to the device once the caller empties the allocator's cache."""
+    kept = {id(split) for split in keep}
+    for split in list(_DEVICE_CACHE.keys()):
+        if id(split) not in kept:
+            _DEVICE_CACHE.pop(split, None)
+
+
 def workers_per_device() -> int:
     try:
         return max(1, int(os.environ.get(WORKERS_PER_DEVICE_ENV, "1")))
@@ -98,6 +109,17 @@ def fits_on_device(split: Split, device: torch.device) -> tuple[bool, str]:
     return ok, (f"{need / mib:.0f} MiB of data {'fits' if ok else 'does not fit'} in {max(0, room) / mib:.0f} MiB "
                 f"({free / mib:.0f} MiB free, 1/{k} of {total / mib:.0f} MiB per worker, "
                 f"measured peak {peak / mib:.0f} MiB)")
+
+
+def decide_residency(split: Split, device: torch.device) -> bool:
+    """Whether ``split`` is to live on ``device`` (said once on stderr): on a CUDA device when it fits
+    (fits_on_device, against the peak measured so far); elsewhere never, since the host's memory is
+    where the data is already."""
+    if device.type != "cuda":
+        return False
+    ok, why = fits_on_device(split, device)
+    say_once(split, device, ok, why if ok else why + "; streaming it from host memory")
+    return ok
 
 
 def say_once(split: Split, device: torch.device, resident: bool, text: str) -> None:

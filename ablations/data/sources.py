@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +49,8 @@ def _stored_size(image_size: int | None) -> tuple[int | None, str | None]:
 
 
 def _load_image_tree(name: str, path: Path, cache_dir: Path, side: int | None,
-                     wanted: Sequence[str | int] | None = None) -> tuple[Decoded, str]:
+                     wanted: Sequence[str | int] | None = None,
+                     stop_check: Callable[[], None] | None = None) -> tuple[Decoded, str]:
     """Cached decode of a tree directory or a tar archive of one, of the ``wanted`` classes only.
 
     The cache tag comes from the source, so 'cifar10' and 'imagefolder' on the same archive
@@ -62,7 +63,7 @@ def _load_image_tree(name: str, path: Path, cache_dir: Path, side: int | None,
         tag, source = path.name.split(".")[0], f"jpeg-archive:{path}"
 
         def build(tmp: Path) -> None:
-            decode_image_tree(name, path, list_archive(name, path, wanted), side, tmp)
+            decode_image_tree(name, path, list_archive(name, path, wanted), side, tmp, stop_check)
     else:
         tree = find_tree(path)
         if tree is None:
@@ -73,7 +74,7 @@ def _load_image_tree(name: str, path: Path, cache_dir: Path, side: int | None,
         tag, source = tree.resolve().name, f"jpeg-tree:{tree}"
 
         def build(tmp: Path) -> None:
-            decode_image_tree(name, tree, listing, side, tmp)
+            decode_image_tree(name, tree, listing, side, tmp, stop_check)
     return build_cached(cache_dir, tag, key, build), source
 
 
@@ -111,7 +112,7 @@ def _cifar_jpeg_candidate(root: Path) -> Path | None:
 
 
 def _load_cifar(name: str, root: Path, cache_dir: Path, image_size: int | None,
-                download: bool) -> tuple[Decoded, str]:
+                download: bool, stop_check: Callable[[], None] | None = None) -> tuple[Decoded, str]:
     if image_size not in (None, 32):
         raise fail(name, f"image_size={image_size} unsupported (CIFAR is 32x32; use imagefolder to resize)")
     if (root / _TV_DIRS[name]).is_dir():
@@ -124,7 +125,7 @@ def _load_cifar(name: str, root: Path, cache_dir: Path, image_size: int | None,
     if name == "cifar10":
         cand = _cifar_jpeg_candidate(root)
         if cand is not None:
-            dec, source = _load_image_tree(name, cand, cache_dir, None)
+            dec, source = _load_image_tree(name, cand, cache_dir, None, stop_check=stop_check)
             if dec.classes != CIFAR10_CLASSES:
                 raise fail(name, f"{cand} class folders {dec.classes} are not the CIFAR-10 classes")
             return dec, source
@@ -217,18 +218,19 @@ class _Source:
     stats: tuple[Sequence[float], Sequence[float]] | None  # None: from the (subset) train split
 
 
-def _cifar_source(name: str, root: Path, cache: Path, image_size: int | None, download: bool) -> _Source:
-    dec, source = _load_cifar(name, root, cache, image_size, download)
+def _cifar_source(name: str, root: Path, cache: Path, image_size: int | None, download: bool,
+                  stop_check: Callable[[], None] | None = None) -> _Source:
+    dec, source = _load_cifar(name, root, cache, image_size, download, stop_check)
     stats = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
     return _Source(dec, source, "cifar", 32, stats)
 
 
 def _imagefolder_source(name: str, root: Path, cache: Path, image_size: int | None,
-                        classes: Sequence[str | int] | None) -> _Source:
+                        classes: Sequence[str | int] | None, stop_check: Callable[[], None] | None = None) -> _Source:
     if not root.exists():
         raise fail(name, f"root {root} does not exist")
     side, style = _stored_size(image_size)
-    dec, source = _load_image_tree(name, root, cache, side, classes)
+    dec, source = _load_image_tree(name, root, cache, side, classes, stop_check)
     n_all = len(dec.meta.get("all_classes", dec.classes))
     if IMAGE_TREES[name] is not None and n_all != IMAGE_TREES[name]:
         raise fail(name, f"{root} has {n_all} class folders, {name} has {IMAGE_TREES[name]} "
@@ -260,6 +262,7 @@ def load_dataset(
     image_size: int | None = None,
     download: bool = True,
     cache_dir: str | Path | None = None,
+    stop_check: Callable[[], None] | None = None,
 ) -> Dataset:
     """Load (decoding + caching on first use) a dataset and take the requested subset.
 
@@ -273,15 +276,17 @@ def load_dataset(
     size would be <= 64 px (style 'cifar').
     imagenette / imagewoof / imagenet are image-folder trees under their own name (10, 10, any
     number of classes). ``synthetic`` ignores ``root`` and defaults to 512 train / 256 test images.
+    ``stop_check()`` is called between decode chunks and may raise to stop (a preemption): the
+    partial decode is dropped, and the next load decodes again.
     """
     root = Path(root).expanduser().resolve()  # absolute, so `source` and errors are unambiguous
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if isinstance(classes, (str, Path)):
         classes = read_class_list(classes, root, name)
     if name in ("cifar10", "cifar100"):
-        src = _cifar_source(name, root, cache, image_size, download)
+        src = _cifar_source(name, root, cache, image_size, download, stop_check)
     elif name in IMAGE_TREES:
-        src = _imagefolder_source(name, root, cache, image_size, classes)
+        src = _imagefolder_source(name, root, cache, image_size, classes, stop_check)
         # Only the selected classes were decoded, stored in label order; indices meant the full list.
         every = src.decoded.meta.get("all_classes", src.decoded.classes)
         classes = None if classes is None else [

@@ -5,7 +5,7 @@
 From Python: `run_grids(RunOptions(...))` runs grids as run_ablation.py does (`api`).
 """
 
-from ablations.run.api import dispatch, prepare, run_grids
+from ablations.run.api import dispatch, prepare, run_grids, stop_requests
 from ablations.run.options import RunOptions
 
-__all__ = ["RunOptions", "dispatch", "prepare", "run_grids"]
+__all__ = ["RunOptions", "dispatch", "prepare", "run_grids", "stop_requests"]

@@ -9,11 +9,15 @@ or BadInput, as it does inside the CLI (which turns them into exit code 2).
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import sys
+import threading
+from typing import Iterator, Sequence
 
 from ablations.config import Cell, ExperimentsFile, load_experiments
 from ablations.errors import EXIT_OK
 from ablations.run.options import RunOptions
+from ablations.train.checkpoint import STOP, TrainingStopped
 
 Grids = Sequence[tuple[str, list[Cell]]]
 
@@ -28,7 +32,24 @@ def prepare(options: RunOptions, grids: Grids, exps: ExperimentsFile | None = No
     arm(options.time_limit, options.time_margin)  # a bad duration is bad input before anything runs
     if exps is not None and not options.launched and not options.gpus:  # a launcher's workers: it warned
         warn_if_slow_here(options, exps, grids)
-    return gate(grids, device=options.device, gpus=options.gpus, tracking_uri=options.tracking_uri)
+    return gate(grids, device=options.device, gpus=options.gpus, tracking_uri=options.tracking_uri,
+                launcher=options.wants_workers)
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[None]:
+    """SIGTERM and SIGUSR1 are stop requests (STOP) from here on instead of killing the process, so
+    that the phases before a cell runs (the preflight, decoding the data) end with the stop's exit
+    code too, which a SLURM script requeues on. Undone on leaving; in the main thread only (where
+    Python runs signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = STOP.install()
+    try:
+        yield
+    finally:
+        STOP.restore(previous)
 
 
 def warn_if_slow_here(options: RunOptions, exps: ExperimentsFile, grids: Grids) -> None:
@@ -61,18 +82,24 @@ def warn_if_slow_here(options: RunOptions, exps: ExperimentsFile, grids: Grids) 
 
 def dispatch(options: RunOptions, exps: ExperimentsFile, grids: Grids, *, worker: bool = False) -> int:
     """Run the grids' cells once prepared: join their workers (`worker`, as `run_ablation.py worker`),
-    start worker processes (--workers/--gpus), or be their one worker in this process."""
-    if worker:
-        from ablations.run.worker import work
+    start worker processes (--workers/--gpus), or be their one worker in this process. A stop request
+    while the data is decoded, before any cell is claimed, ends it with the stop's exit code."""
+    try:
+        if worker:
+            from ablations.run.worker import work
 
-        return work(options, exps, grids)
-    if options.wants_workers:
-        from ablations.run.launcher import launch
+            return work(options, exps, grids)
+        if options.wants_workers:
+            from ablations.run.launcher import launch
 
-        return launch(options, exps, grids)
-    from ablations.run.worker import run_here
+            return launch(options, exps, grids)
+        from ablations.run.worker import run_here
 
-    return run_here(options, exps, grids)
+        return run_here(options, exps, grids)
+    except TrainingStopped as exc:  # from ablations.run.runner.raise_if_stopped, between decode chunks
+        print(f"stopped: {exc.reason} while loading the data; no cell was claimed, run again to continue",
+              file=sys.stderr, flush=True)
+        return exc.exit_code
 
 
 def run_grids(options: RunOptions, exps: ExperimentsFile | None = None, grids: Grids | None = None, *,
@@ -87,6 +114,7 @@ def run_grids(options: RunOptions, exps: ExperimentsFile | None = None, grids: G
         exps = load_experiments(options.config)
     if grids is None:
         grids = options.resolve(exps)
-    if (code := prepare(options, grids, exps)) != EXIT_OK:
-        return code
-    return dispatch(options, exps, grids, worker=worker)
+    with stop_requests():
+        if (code := prepare(options, grids, exps)) != EXIT_OK:
+            return code
+        return dispatch(options, exps, grids, worker=worker)

@@ -134,6 +134,9 @@ class GridQueue:
         self._done: set[str] = set()  # cells done at the last reconcile (some with no trial: done in the store)
         self._counts: tuple[int, int] | None = None
         self._counts_at = 0.0
+        # The journal's heartbeats as this process last saw them change: trial id -> (value, when, on
+        # this process's monotonic clock). Another machine's clock is never compared with this one.
+        self.heartbeats_seen: dict[int, tuple[object, float]] = {}
 
     # -- reading
     def trials(self, states: Sequence[TrialState] | None = None) -> list[FrozenTrial]:
@@ -227,6 +230,11 @@ class GridQueue:
                 break
             self._waiting = deque(self.trials((TrialState.WAITING,)))
         return None
+
+    def claim_token(self, trial: FrozenTrial) -> str:
+        """A claim's name, unique in the store (a trial is claimed once, and a --force series has a study
+        of its own): the fencing token a worker writes on the cell's run and checkpoints."""
+        return f"{self.name}/{trial.number}"
 
     def same_cell(self, trial: FrozenTrial) -> list[FrozenTrial]:
         """Every trial of `trial`'s cell, oldest first (a full read: for duplicate checks only)."""

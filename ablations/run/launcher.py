@@ -21,6 +21,7 @@ from ablations.train.checkpoint import STOP
 from ablations.run.worker import open_grids
 from ablations.run.options import RunOptions, gpus_for, worker_slots
 from ablations.run.output import summary
+from ablations.run.runner import STORE_UNREACHABLE
 from ablations.util.timefmt import eta, fmt_duration
 
 
@@ -45,7 +46,7 @@ class GridMonitor:
         left = eta(time.perf_counter() - self.start, (done - self.done0) / max(1, total - self.done0))
         for t in ended:
             what = "FINISHED" if t.state == TrialState.COMPLETE else (
-                "STOPPED" if t.user_attrs.get("failure_kind") in ("preempted", "time_limit") else "FAILED")
+                "STOPPED" if t.user_attrs.get("failure_kind") in ("preempted", "time_limit", STORE_UNREACHABLE) else "FAILED")
             detail = (f"top-1 err {t.value:.2f}%" if t.state == TrialState.COMPLETE and t.value == t.value
                       else t.user_attrs.get("failure_reason", "worker stopped (heartbeat lost)"))
             if t.state == TrialState.FAIL and statuses.get(t.user_attrs.get("cell_id", ""), CellStatus("x")).state != "failed":
@@ -132,13 +133,14 @@ def _spawn(options: RunOptions, slots: Sequence[str | None], tracking_uri: str, 
 def launch(options: RunOptions, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]]) -> int:
     """`--workers N` (and/or --gpus): queue the grids, start N local workers, show progress."""
     from ablations.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_TIME_LIMIT
-    from ablations.run.runner import load_data
+    from ablations.run.runner import load_data, raise_if_stopped
 
     options.check()
     gpus = gpus_for(options)
     tracking_uri = options.store
     storage = options.storage or default_storage(tracking_uri)
-    load_data([c for _, cells in grids for c in cells])  # bad input ends here; workers then read the cache
+    # Bad input ends here; workers then read the cache. A stop request ends a long decode between chunks.
+    load_data([c for _, cells in grids for c in cells], stop_check=raise_if_stopped)
     series = new_series() if options.force else None  # --force: every cell again, in a study of its own
     started_ms = int(time.time() * 1000)
     queues, already, (client, grid_runs) = _queue_grids(options, exps, grids, tracking_uri, storage, series)

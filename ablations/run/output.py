@@ -44,7 +44,10 @@ class WorkerProgress(GridProgress):
         self.queue, self.parallel = queue, 1
 
     def _sync(self) -> None:
-        counts = self.queue.progress_counts()
+        try:
+            counts = self.queue.progress_counts()
+        except Exception:  # the storage out of reach: the display keeps its own count (the heartbeat judges)
+            return
         if counts is not None:
             self.done, running = counts
             self.parallel = max(1, running)

@@ -10,7 +10,10 @@ the cells' own compiles of the same model and shapes).
 
 Exit 0 when all of it works; exit 2 with the cause on one line otherwise (no CUDA, a driver
 that does not match torch, a missing package, an unwritable store, a step that fails).
-`run_ablation.py` runs it before a grid on a GPU; it also runs on a CPU (`--device cpu`).
+`run_ablation.py` runs it before a grid on a GPU, on the device the work uses: a plain run or a
+worker on its own device; a launcher (--workers/--gpus) leaves it to each of its workers, each
+pinned to its GPU. It frees what it used on the device before returning. It also runs on a CPU
+(`--device cpu`).
 """
 
 from __future__ import annotations
@@ -18,15 +21,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import socket
 import sys
 import time
+import uuid
 from typing import Sequence
 
 import torch
 
 from ablations.errors import EXIT_BAD_INPUT, EXIT_OK
 
-# Set once a preflight passed in this process; the workers a launcher starts inherit it and skip theirs.
+# Set once a preflight passed in this process; a process it starts with this environment (on the same
+# device) skips its own. A launcher runs none: its workers, each on its own GPU, run theirs.
 PREFLIGHT_PASSED_ENV = "SENET_PREFLIGHT_PASSED"
 PREFLIGHT_EXPERIMENT = "_preflight"
 
@@ -98,29 +104,40 @@ def _training_step(config, device: torch.device) -> str:
     if result.compile_status.startswith("eager fallback"):
         raise PreflightFailed(f"torch.compile does not work here ({result.compile_status}); "
                               "set train.compile=false or fix the compiler")
-    tc = config.train
     cuda = device.type == "cuda"
-    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and cuda)
-    channels_last = cuda if tc.channels_last == "auto" else bool(tc.channels_last)
-    return (f"{config.model.arch} {image_size}px batch {bs}: {'bf16 autocast' if bf16 else 'fp32'}, "
-            f"{'channels_last' if channels_last else 'NCHW'}, {'fused' if cuda else 'foreach'} SGD, "
+    return (f"{config.model.arch} {image_size}px batch {bs}: "  # what train() chose, as the cells will
+            f"{'bf16 autocast' if result.precision == 'bf16' else result.precision}, "
+            f"{'channels_last' if result.channels_last else 'NCHW'}, {'fused' if cuda else 'foreach'} SGD, "
             f"compile {result.compile_status}")
 
 
-def _store_write(tracking_uri: str) -> None:
-    """Write one run into a preflight experiment, then delete both: the store takes writes, and
-    `--report` (every experiment in the store) and the MLflow UI never see them."""
-    try:
-        from mlflow import MlflowClient
+def _give_back(device: torch.device) -> None:
+    """Free what the step left on the device: its compiled graphs, then the allocator's cached blocks
+    (the step's tensors died with it). A worker's cells, sized against the device's free memory,
+    then find it as it was."""
+    import gc
 
-        client = MlflowClient(tracking_uri)
-        found = client.get_experiment_by_name(PREFLIGHT_EXPERIMENT)
-        if found is None:
-            exp_id = client.create_experiment(PREFLIGHT_EXPERIMENT)
-        else:
-            exp_id = found.experiment_id
-            if found.lifecycle_stage == "deleted":
-                client.restore_experiment(exp_id)
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _store_write(tracking_uri: str) -> None:
+    """Write one run into an experiment of this process's own, then delete both: the store takes writes,
+    and `--report` (every experiment in the store) and the MLflow UI never see them.
+
+    The experiment is this probe's alone (named after the host, the process and a random token): the
+    tasks of a job array start together, and a shared one would be created, deleted and restored by
+    all of them at once, failing some. A busy SQLite store is waited for, as every write of a grid is."""
+    try:
+        from ablations.tracking import client_for
+
+        client = client_for(tracking_uri)
+        name = f"{PREFLIGHT_EXPERIMENT}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        exp_id = client.create_experiment(name)
         run = client.create_run(exp_id, tags={"preflight": "1"})
         client.log_metric(run.info.run_id, "preflight", 1.0)
         client.set_terminated(run.info.run_id, "FINISHED")
@@ -150,7 +167,10 @@ def preflight(device_spec: str, config=None, tracking_uri: str | None = None) ->
     _check_packages(packages)
     if tracking_uri:
         _store_write(tracking_uri)  # before the step: a bad store is the commonest and cheapest failure
-    what = _training_step(config, device)
+    try:
+        what = _training_step(config, device)
+    finally:
+        _give_back(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     store = f"; MLflow write ok ({tracking_uri})" if tracking_uri else ""
     return f"preflight ok on {device} ({name}): {what}{store}; {time.perf_counter() - t0:.1f} s"
@@ -168,12 +188,15 @@ def run_or_exit_code(device_spec: str, config=None, tracking_uri: str | None = N
 
 
 def gate(grids: Sequence[tuple[str, Sequence]], *, device: str, gpus: str | None = None,
-         tracking_uri: str | None = None) -> int:
+         tracking_uri: str | None = None, launcher: bool = False) -> int:
     """run_ablation.py's hook: on a GPU, preflight the first cell's settings before any cell is claimed.
 
     `device`, `gpus` (as written, e.g. "0,1") and `tracking_uri` (None: the default store) are the run's.
-    Returns 0 to go on (passed, not on a GPU, or already passed in the launcher that started
-    this worker), else EXIT_BAD_INPUT after printing the cause.
+    `launcher`: this process starts workers (--workers/--gpus); it runs no preflight and touches no
+    GPU: each worker, pinned to its own GPU, runs its own there before it claims a cell (the
+    launcher's would have run on cuda:0 whatever --gpus said, and held its memory all run long).
+    Returns 0 to go on (passed, not on a GPU, or left to the workers), else EXIT_BAD_INPUT after
+    printing the cause, or the stop's exit code when a stop was requested during the preflight.
     """
     on_gpu = device.startswith("cuda") or bool(gpus) or (device == "auto" and torch.cuda.is_available())
     cells = [c for _, grid in grids for c in grid]
@@ -183,10 +206,18 @@ def gate(grids: Sequence[tuple[str, Sequence]], *, device: str, gpus: str | None
         from ablations.config import ConfigError
 
         raise ConfigError("--gpus: CUDA is not available on this machine")
+    if launcher:
+        return EXIT_OK
     from ablations.tracking import default_tracking_uri
+    from ablations.train.checkpoint import STOP, exit_code_for
 
     spec = "cuda" if gpus or device == "auto" else device
-    return run_or_exit_code(spec, cells[0].config, tracking_uri or default_tracking_uri())
+    code = run_or_exit_code(spec, cells[0].config, tracking_uri or default_tracking_uri())
+    if code == EXIT_OK and (why := STOP.check()) is not None:  # asked to stop while the step (a compile) ran
+        print(f"stopped: {why[1]} during the preflight; no cell was claimed, run again to continue",
+              file=sys.stderr, flush=True)
+        return exit_code_for(why[0])
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

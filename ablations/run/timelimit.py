@@ -136,6 +136,20 @@ def stop_summary(client: MlflowClient, grids: Sequence[tuple[str, Sequence[Cell]
                  reason: str, stream: TextIO, estimate: bool = True) -> None:
     """What is done, what is partly done (with epochs), what is not started, and (with `estimate`;
     a preempted process leaves it out, its grace period is short) the time estimated to be left."""
+    try:
+        lines = _where_grids_stand(client, grids, checkpoints, estimate)
+    except Exception as exc:  # e.g. the store whose outage stopped the run: the stop itself is still told
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        lines = [f"  where the grids stand is unknown: the tracking store cannot be read ({text})",
+                 "  run the same command again to continue"]
+    limit = f" of the {fmt_duration(STOP.limit)} limit" if STOP.limit is not None else ""
+    # The time is taken last: only the interpreter's exit follows.
+    print(f"stopped: {reason}, after {STOP.elapsed():.1f}s{limit}", file=stream)
+    print("\n".join(lines), file=stream, flush=True)
+
+
+def _where_grids_stand(client: MlflowClient, grids: Sequence[tuple[str, Sequence[Cell]]], checkpoints: Checkpoints,
+                       estimate: bool) -> list[str]:
     from ablations.tracking import finished_cell_ids
 
     times, lines = EpochTimes(client) if estimate else None, []
@@ -168,7 +182,4 @@ def stop_summary(client: MlflowClient, grids: Sequence[tuple[str, Sequence[Cell]
                      "run the same command again to continue")
     else:
         lines.append("  run the same command again to continue")
-    limit = f" of the {fmt_duration(STOP.limit)} limit" if STOP.limit is not None else ""
-    # The time is taken last: only the interpreter's exit follows.
-    print(f"stopped: {reason}, after {STOP.elapsed():.1f}s{limit}", file=stream)
-    print("\n".join(lines), file=stream, flush=True)
+    return lines

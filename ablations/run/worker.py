@@ -11,6 +11,7 @@ many processes and grids work on it and however they were started. docs/distribu
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -27,7 +28,7 @@ from ablations.run.cellqueue import CellStatus, GridQueue, count, settled
 from ablations.train.checkpoint import STOP, exit_code_for
 from ablations.errors import EXIT_TIME_LIMIT
 from ablations.config import Cell, ExperimentsFile
-from ablations.run.heartbeat import Heartbeat, reap_stale
+from ablations.run.heartbeat import Heartbeat, owner_attrs, reap_stale
 from ablations.run.storage import check_storage, default_storage, is_rdb, new_series, open_storage, store_init_lock
 from ablations.run.options import RunOptions
 from ablations.run.output import Prefixed, WorkerProgress, summary
@@ -172,7 +173,7 @@ class Worker:
     def __init__(self, options: RunOptions, exps: ExperimentsFile, grids: Sequence[tuple[str, list[Cell]]],
                  stream: TextIO | None = None, *, prefix: bool = True, live: bool | None = False,
                  fresh_launch: bool = False) -> None:
-        from ablations.run.runner import load_data
+        from ablations.run.runner import load_data, raise_if_stopped
         from ablations.util.device import resolve_device
 
         self.id = options.worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -184,7 +185,8 @@ class Worker:
         self.retries_flag, self.poll = options.retries, min(options.heartbeat, 2.0)
         self.launched, self.fresh_launch = options.launched, fresh_launch
         self.series = options.series
-        self.datasets = load_data([c for _, cells in grids for c in cells])  # bad input before anything is claimed
+        # Bad input before anything is claimed; a stop request ends a long decode between its chunks.
+        self.datasets = load_data([c for _, cells in grids for c in cells], stop_check=raise_if_stopped)
         self.client, self.grids = open_grids(options, exps, grids, self.tracking_uri, self.storage_url, self.series)
         live = live if len(self.grids) == 1 else False  # a terminal holds one live display at a time
         for g in self.grids:
@@ -279,8 +281,9 @@ class Worker:
         g, cell = self._by_queue[id(q)], q.cells[trial.user_attrs["cell_id"]]
         progress = g.progress
         assert progress is not None
-        # Who holds the trial, before its first beat: a process of this machine that dies is seen at once.
-        q.set_attrs(trial, {"worker": self.id, "host": socket.gethostname(), "pid": os.getpid()})
+        # Who holds the trial, before its first beat: its token, and where its pid means something (a
+        # process of this PID namespace that dies is seen at once); worker, host and pid for people.
+        q.set_attrs(trial, {"worker": self.id, "host": socket.gethostname(), "pid": os.getpid(), **owner_attrs()})
         hb = Heartbeat(q, trial)
         try:
             if not q.locked and (dup := duplicate_in(q, trial)) is not None:
@@ -299,7 +302,8 @@ class Worker:
             tags = {**g.tags, "optuna_study": q.name, "optuna_trial": str(trial.number), "worker": self.id}
             result = execute_cell(cell, self.datasets[dataset_key(cell.config.dataset)], self.client, g.experiment_id,
                                   self.device, progress, tags=tags, guard=hb.guard,
-                                  on_run=lambda run: hb.record(run.run_id), checkpoints=self.checkpoints)
+                                  on_run=lambda run: hb.record(run.run_id), checkpoints=self.checkpoints,
+                                  claim=q.claim_token(trial))
         except KeyboardInterrupt:
             q.finish(trial, TrialState.FAIL, attrs={"failure_kind": "interrupted", "failure_reason": "interrupted (Ctrl-C)"})
             raise
@@ -317,7 +321,11 @@ class Worker:
             q.finish(trial, TrialState.FAIL, attrs={"failure_kind": result.kind, "failure_reason": result.reason[:2000]})
             self.stopped = (result.exit_code, result.reason)
             raise _Stopped
-        # KILLED: the claim was lost, the trial already FAILed by whoever took it back
+        # KILLED: the claim was lost (the trial already FAILed by whoever took it back), or may have been (no
+        # heartbeat went through for the grace period): give the trial up, if the storage can be reached, so
+        # the cell is queued again now. Like a dead worker's, this attempt does not count against --retries.
+        with contextlib.suppress(Exception):
+            q.finish(trial, TrialState.FAIL, attrs={"failure_reason": result.reason[:2000]})
         return True
 
 

@@ -4,8 +4,8 @@ The names most callers need are re-exported here: `from ablations.train import t
 """
 
 from ablations.train.checkpoint import TrainingStopped
-from ablations.train.loop import (CellFailed, EpochStats, Observer, TrainResult, evaluate, lr_at, seed_everything,
-                                  train)
+from ablations.train.loop import (CellFailed, CellOutOfMemory, EpochStats, Observer, TrainResult, evaluate, lr_at,
+                                  precision_for, seed_everything, train)
 
-__all__ = ["CellFailed", "EpochStats", "Observer", "TrainResult", "TrainingStopped", "evaluate",
-           "lr_at", "seed_everything", "train"]
+__all__ = ["CellFailed", "CellOutOfMemory", "EpochStats", "Observer", "TrainResult", "TrainingStopped", "evaluate",
+           "lr_at", "precision_for", "seed_everything", "train"]
