@@ -83,7 +83,10 @@ def test_compiled_training_matches_eager_and_saves_plain_weights(synthetic):
     back under the model's own keys, loadable into an uncompiled model (no `_orig_mod.` prefix)."""
     eager = _run(_config(epochs=1), synthetic)
     compiled = _run(_config(epochs=1, compile=True), synthetic)
-    assert compiled.history[0].train_loss == pytest.approx(eager.history[0].train_loss, rel=1e-3)
+    # up to reassociation at the training precision: one bf16 unit roundoff (2**-8) where `auto` trains in bf16
+    # (seen on an AMD EPYC without AMX: 1.4e-3 apart), 1e-3 in fp32
+    rel = 2.0**-8 if eager.precision == "bf16" else 1e-3
+    assert compiled.history[0].train_loss == pytest.approx(eager.history[0].train_loss, rel=rel)
     assert abs(compiled.final.test_top1_err - eager.final.test_top1_err) <= 2.0  # a flip or two of 128 images
     state = compiled.model.state_dict()
     fresh = build_model(_config().model)
