@@ -408,6 +408,28 @@ def test_concurrent_claims_hand_each_trial_to_one_process(workdir, tmp_path):
     assert sorted(claimed) == list(range(12))
 
 
+def test_a_cell_stopped_part_way_is_claimed_before_cells_never_started(workdir, tmp_path):
+    """A preempted cell (and one whose worker died) is re-enqueued behind every waiting cell, yet claimed
+    first: its checkpoint is the work most at risk. A failed cell's retry keeps its place."""
+    storage = str(tmp_path / "q.log")
+    q = queue(workdir, "unit", storage)
+    q.reconcile(retries=1)
+    first, second, third = q.claim(), q.claim(), q.claim()
+    q.finish(first, TrialState.FAIL, attrs={"failure_kind": "failed", "failure_reason": "x"})
+    q.finish(second, TrialState.FAIL, attrs={"failure_kind": "preempted", "failure_reason": "SIGTERM"})
+    q.finish(third, TrialState.FAIL)  # reaped: its worker's heartbeat stopped
+    q.reconcile(retries=1)
+    waiting = q.trials((TrialState.WAITING,))
+    again = {t.user_attrs["cell_id"]: t.number for t in waiting if t.number >= 12}
+    assert set(again) == {t.user_attrs["cell_id"] for t in (first, second, third)}  # enqueued last
+    fresh = queue(workdir, "unit", storage)  # another worker, starting now
+    order = [fresh.claim().user_attrs["cell_id"] for _ in range(4)]
+    stopped = [second.user_attrs["cell_id"], third.user_attrs["cell_id"]]
+    assert order[:2] == stopped, order
+    never_started = sorted((t for t in waiting if t.number < 12), key=lambda t: t.number)
+    assert order[2:] == [t.user_attrs["cell_id"] for t in never_started[:2]], order
+
+
 def test_reconcile_enqueues_each_missing_cell_once(workdir, tmp_path):
     storage = str(tmp_path / "q.log")
     a, b = queue(workdir, "unit", storage), queue(workdir, "unit", storage)  # two launchers

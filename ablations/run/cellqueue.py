@@ -94,6 +94,20 @@ def duplicate_of(trial: FrozenTrial, same_cell: Sequence[FrozenTrial]) -> Frozen
     return older[0] if older else None
 
 
+def stopped_part_way(trials: Sequence[FrozenTrial]) -> set[str]:
+    """The cells with a trial that ended FAIL without failing the cell itself (`cell_status`'s free
+    retries): those started and stopped before their end, whose checkpoint the next claim resumes."""
+    return {str(t.user_attrs.get("cell_id")) for t in trials
+            if t.state == TrialState.FAIL and t.user_attrs.get("failure_kind") != "failed"}
+
+
+def resumes_first(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The WAITING trials in claim order: cells stopped part-way first, then oldest first."""
+    resumes = stopped_part_way(trials)
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    return sorted(waiting, key=lambda t: (t.user_attrs.get("cell_id") not in resumes, t.number))
+
+
 def settled(statuses: Mapping[str, CellStatus]) -> bool:
     return all(s.state in ("done", "failed") for s in statuses.values())
 
@@ -216,8 +230,10 @@ class GridQueue:
     def claim(self) -> FrozenTrial | None:
         """Move one WAITING trial of this grid's cells to RUNNING, atomically: exactly one caller wins each trial.
 
-        Trials are taken oldest first from the local list; the storage is read again only when
-        that list runs out."""
+        Cells that were stopped part-way (interrupted, preempted, out of time, or their worker died)
+        come first, then the rest oldest first: a stopped cell's checkpoint is the work most at risk
+        (scratch disks, a new machine) and finishing it first completes grids sooner. The storage is
+        read again only when the local list runs out."""
         for refreshed in (False, True):
             while self._waiting:
                 t = self._waiting.popleft()
@@ -228,7 +244,7 @@ class GridQueue:
                     continue
             if refreshed:
                 break
-            self._waiting = deque(self.trials((TrialState.WAITING,)))
+            self._waiting = deque(resumes_first(self.trials()))
         return None
 
     def claim_token(self, trial: FrozenTrial) -> str:
