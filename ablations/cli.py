@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the paper-style tables and plots of --grid (all grids if none) from the MLflow store; trains nothing")
     p.add_argument("--analyze", action="store_true",
                    help="role of SE: excitation statistics per class and depth for the finished SE runs of --grid")
-    p.add_argument("--run-id", metavar="ID", help="with --analyze: only this MLflow run")
+    p.add_argument("--run-id", metavar="ID", action="append", default=[],
+                   help="with --analyze: only this MLflow run; with --export-record: also keep this run's model "
+                        "(config and weights, a few MB) beside the record, for --analyze after a restore; repeatable")
     p.add_argument("--export-record", metavar="PATH",
                    help="write the FINISHED cell runs of --grid (all grids if none) of --tracking-uri, without "
                         "artifacts, to a new SQLite file: the study's record to commit; trains nothing")
@@ -237,7 +239,7 @@ def _record(args: argparse.Namespace) -> int:
     check_tracking_uri(store)
     grids = list(dict.fromkeys(args.grid)) or None
     if args.export_record:
-        print(export_record(store, Path(args.export_record), grids).describe(f"record {args.export_record}"))
+        print(export_record(store, Path(args.export_record), grids, args.run_id).describe(f"record {args.export_record}"))
     else:
         print(restore_record(Path(args.restore_record), store, grids).describe(f"store {store}"))
     return EXIT_OK

@@ -4,7 +4,11 @@ A record is what a study commits next to its tables (`--export-record`): per run
 cell id, device, precision, compile mode, commit, ...), params and every metric with its steps and
 timestamps, start and end times. `--restore-record` copies it into a store, new or not, so that
 reports regenerate from it and the study resumes from it on a machine without the original store:
-a cell whose FINISHED run is there is never trained again. Weights stay out (a few MB per run).
+a cell whose FINISHED run is there is never trained again. Weights stay out (a few MB per run),
+except those of the runs named at export (`--run-id`, e.g. the model the role-of-SE figures come
+from): their `config.json` and `model/weights.pt` go to a folder beside the record,
+`<record>.models/<run id>/`, and a restore logs them into the restored run, so `--analyze` works
+on it as on the original.
 
 Runs are copied through MLflow's public client, so run ids change; a linked run (a cell trained in
 another grid) is pointed at the copy of its source. Copying is idempotent: a grid's cell that
@@ -16,17 +20,20 @@ from __future__ import annotations
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run
 
 from ablations.errors import StoreError
-from ablations.tracking import (PARENT_RUN_ID, REUSED_FROM_RUN, client_for, ensure_experiment, ensure_parent, is_link,
-                                runs_of)
+from ablations.tracking import (PARENT_RUN_ID, REUSED_FROM_RUN, client_for, ensure_experiment, ensure_parent,
+                                has_weights, is_link, runs_of)
 
 RECORD_OF = "record_of_run"  # the id the run had in the store it was first recorded from
+
+
+MODEL_FILES = ("config.json", "model/weights.pt")  # what a kept model is: enough for --analyze
 
 
 @dataclass(frozen=True)
@@ -34,10 +41,18 @@ class Copied:
     runs: int  # copied now
     skipped: int  # already there
     grids: tuple[str, ...]
+    ids: dict[str, str] = field(default_factory=dict, compare=False)  # first-recorded run id -> its run in the target
+    models: int = 0  # kept models written (export) or logged into their runs (restore)
 
     def describe(self, what: str) -> str:
         grids = ", ".join(self.grids) or "none"
-        return f"{what}: {self.runs} finished cell runs copied, {self.skipped} already there; grids: {grids}"
+        models = f"; {self.models} model(s) with weights" if self.models else ""
+        return f"{what}: {self.runs} finished cell runs copied, {self.skipped} already there{models}; grids: {grids}"
+
+
+def models_dir(record: Path) -> Path:
+    """The folder of a record's kept models: `record.db` -> `record.db.models/`."""
+    return record.with_name(record.name + ".models")
 
 
 def _finished_cell_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
@@ -75,6 +90,7 @@ def copy_finished(src_uri: str, dst_uri: str, grids: list[str] | None = None, ne
         if missing:
             raise StoreError(f"{src_uri}: no experiment for grid {', '.join(missing)}")
     new_ids: dict[str, str] = {}  # source run id -> its copy (or the run already there)
+    first: dict[str, str] = {}  # first-recorded run id -> its copy (or the run already there)
     pending: list[tuple[str, Run]] = []
     copied = skipped = 0
     parents: dict[str, str] = {}  # target experiment -> its grid's parent run, which the copies are nested under
@@ -86,6 +102,7 @@ def copy_finished(src_uri: str, dst_uri: str, grids: list[str] | None = None, ne
             there = have.get(run.data.tags["cell_id"])
             if there is not None:
                 new_ids[run.info.run_id] = there.info.run_id
+                first[run.data.tags.get(RECORD_OF, run.info.run_id)] = there.info.run_id
                 skipped += 1
                 continue
             if nest and dst_exp not in parents:
@@ -95,6 +112,7 @@ def copy_finished(src_uri: str, dst_uri: str, grids: list[str] | None = None, ne
             else:
                 tags = {**run.data.tags, RECORD_OF: run.data.tags.get(RECORD_OF, run.info.run_id)}
                 new_ids[run.info.run_id] = _copy_run(src, dst, dst_exp, run, tags, parents.get(dst_exp))
+                first[tags[RECORD_OF]] = new_ids[run.info.run_id]
                 copied += 1
     for dst_exp, run in pending:
         source = run.data.tags[REUSED_FROM_RUN]
@@ -105,21 +123,58 @@ def copy_finished(src_uri: str, dst_uri: str, grids: list[str] | None = None, ne
         new_ids[run.info.run_id] = _copy_run(src, dst, dst_exp, run, tags, parents.get(dst_exp))
         copied += 1
     grids_with_runs = tuple(e.name for e in experiments if _finished_cell_runs(src, e.experiment_id))
-    return Copied(copied, skipped, grids_with_runs)
+    return Copied(copied, skipped, grids_with_runs, first)
 
 
-def export_record(store_uri: str, path: Path, grids: list[str] | None = None) -> Copied:
-    """Write the record of `store_uri` to the SQLite file `path`, anew (an existing file is replaced)."""
+def export_record(store_uri: str, path: Path, grids: list[str] | None = None,
+                  models: list[str] | None = None) -> Copied:
+    """Write the record of `store_uri` to the SQLite file `path`, anew (an existing file is replaced).
+
+    `models`: run ids whose config and weights are kept beside the record (`models_dir`). Models kept
+    by an earlier export stay while their run is still in the record (a later export need not name
+    them again); those of runs no longer in it are removed."""
     path = path.resolve()
+    src = client_for(store_uri)
+    keep = {run_id: _recorded_id(src, run_id, grids) for run_id in models or []}  # checked before anything is written
     path.parent.mkdir(parents=True, exist_ok=True)
     # A name never used before: MLflow keeps one engine per store URI for the life of the process.
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.partial")
     try:
         copied = copy_finished(store_uri, f"sqlite:///{tmp}", grids, nest=False)  # cell runs only
+        _keep_models(src, keep, set(copied.ids), models_dir(path))
         tmp.replace(path)  # a reader never sees half a record
     finally:
         tmp.unlink(missing_ok=True)
-    return copied
+    return replace(copied, models=len(keep))
+
+
+def _recorded_id(src: MlflowClient, run_id: str, grids: list[str] | None) -> str:
+    """The id a run to keep the model of is recorded under, or StoreError when it is not a FINISHED cell
+    run with weights of the grids exported."""
+    refused = f"--run-id {run_id}: not a FINISHED cell run of the record's grids, so its model is not kept"
+    try:
+        run = src.get_run(run_id)
+    except Exception:  # MLflow's own error for an unknown id, per store kind
+        raise StoreError(refused) from None
+    grid = src.get_experiment(run.info.experiment_id).name
+    if run.info.status != "FINISHED" or "cell_id" not in run.data.tags or (grids is not None and grid not in grids):
+        raise StoreError(refused)
+    if not has_weights(src, run_id):
+        raise StoreError(f"--run-id {run_id}: the run has no model/weights.pt in this store (a link to a cell "
+                         f"trained in another grid, or a restored run): name the run that trained it")
+    return run.data.tags.get(RECORD_OF, run_id)
+
+
+def _keep_models(src: MlflowClient, keep: dict[str, str], recorded: set[str], folder: Path) -> None:
+    """Each kept run's model files into `folder/<recorded run id>/`; prune the folders of runs not recorded."""
+    for stale in (d for d in folder.glob("*") if d.is_dir() and d.name not in recorded):
+        shutil.rmtree(stale)
+    for run_id, first in keep.items():
+        with tempfile.TemporaryDirectory(prefix="senet-model-") as tmp:
+            for name in MODEL_FILES:
+                target = folder / first / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src.download_artifacts(run_id, name, tmp), target)
 
 
 def restore_record(path: Path, store_uri: str, grids: list[str] | None = None) -> Copied:
@@ -135,4 +190,20 @@ def restore_record(path: Path, store_uri: str, grids: list[str] | None = None) -
     with tempfile.TemporaryDirectory(prefix="senet-record-") as tmp:
         copy = Path(tmp) / f"record-{uuid.uuid4().hex[:12]}.db"
         shutil.copyfile(path, copy)
-        return copy_finished(f"sqlite:///{copy}", store_uri, grids)
+        copied = copy_finished(f"sqlite:///{copy}", store_uri, grids)
+    return replace(copied, models=_log_models(client_for(store_uri), copied, models_dir(path)))
+
+
+def _log_models(dst: MlflowClient, copied: Copied, folder: Path) -> int:
+    """Log each kept model into its run in the target, unless that run has weights already."""
+    logged = 0
+    for model in sorted(d for d in folder.glob("*") if d.is_dir()):
+        run_id = copied.ids.get(model.name)
+        if run_id is None:  # a grid not restored this time
+            continue
+        if has_weights(dst, run_id):
+            continue
+        for name in MODEL_FILES:
+            dst.log_artifact(run_id, str(model / name), str(Path(name).parent) if "/" in name else None)
+        logged += 1
+    return logged

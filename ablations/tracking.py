@@ -216,6 +216,11 @@ class RetryingClient:
         return call
 
 
+def has_weights(client: MlflowClient, run_id: str) -> bool:
+    """Whether a run has its final weights as an artifact (one listing; no download)."""
+    return any(a.path == "model/weights.pt" for a in client.list_artifacts(run_id, "model"))
+
+
 def client_for(tracking_uri: str) -> MlflowClient:
     client = MlflowClient(tracking_uri=tracking_uri)
     return cast(MlflowClient, RetryingClient(client)) if tracking_uri.startswith("sqlite:") else client

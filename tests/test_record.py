@@ -139,6 +139,43 @@ def test_record_leaves_out_unfinished_runs(here, capsys):
     assert "grid pair: 1 finished, 1 skipped (already done)" in capsys.readouterr().err
 
 
+def test_a_model_kept_with_the_record_is_analysed_after_a_restore_as_before(here, capsys):
+    """`--export-record --run-id ID` keeps that run's config and weights beside the record; a restore
+    logs them into the restored run, and `--analyze` there gives the same statistics as on the study's
+    own store. Runs without weights are skipped with one line; an unknown run is one line, exit 2."""
+    study, record, fresh = here / "study.db", here / "out" / "record.db", here / "fresh.db"
+    assert cli(here, study, "--grid", "pair") == 0
+    runs = {r.data.tags["variant"]: r for r in cell_runs(study, "pair")}
+    kept = runs["r=4"].info.run_id
+    assert cli(here, study, "--export-record", str(record), "--run-id", kept) == 0
+    assert "1 model(s) with weights" in capsys.readouterr().out
+    models = record.parent / "record.db.models"
+    assert sorted(str(p.relative_to(models)) for p in models.rglob("*") if p.is_file()) == \
+        [f"{kept}/config.json", f"{kept}/model/weights.pt"]
+    # A later export need not name it again; one of a run no longer recorded is removed.
+    (models / "0123456789abcdef").mkdir()
+    assert cli(here, study, "--export-record", str(record)) == 0
+    assert sorted(p.name for p in models.iterdir()) == [kept]
+
+    assert cli(here, fresh, "--restore-record", str(record)) == 0
+    assert "1 model(s) with weights" in capsys.readouterr().out
+    assert cli(here, fresh, "--analyze", "--grid", "pair", "--results-dir", str(here / "after")) == 0
+    err = capsys.readouterr().err
+    assert "1 of 2 SE run(s) of pair have no weights in this store" in err, err
+    assert cli(here, study, "--analyze", "--grid", "pair", "--run-id", kept, "--results-dir", str(here / "before")) == 0
+    capsys.readouterr()
+    stats = lambda d: {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*.csv"))}
+    assert stats(here / "before") == stats(here / "after") != {}
+
+    # Restoring again logs nothing twice.
+    assert cli(here, fresh, "--restore-record", str(record)) == 0
+    assert "model(s)" not in capsys.readouterr().out
+
+    assert cli(here, study, "--export-record", str(record), "--run-id", "feedc0de") == 2
+    assert capsys.readouterr().err.strip() == \
+        "error: --run-id feedc0de: not a FINISHED cell run of the record's grids, so its model is not kept"
+
+
 def test_missing_record_is_bad_input(here, capsys):
     assert cli(here, here / "s.db", "--restore-record", str(here / "nope.db")) == 2
     assert capsys.readouterr().err.strip() == f"error: --restore-record {here / 'nope.db'}: no such file"

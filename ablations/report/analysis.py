@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from ablations.report.paths import check_output_dir, dataset_folder, safe_name
 from ablations.report.run_artifacts import get_run, load_run
 from ablations.util.device import resolve_device
 from ablations.util.timefmt import eta, fmt_duration
-from ablations.tracking import runs_of
+from ablations.tracking import has_weights, runs_of
 from senet import build_model
 
 __all__ = ["analyze_grid", "analyze_run", "balanced_subset", "output_dir", "se_runs"]
@@ -154,15 +155,29 @@ def se_runs(client: MlflowClient, grid: str, preset: str | None = None) -> list:
 
 def analyze_grid(tracking_uri: str, grid: str, *, results_dir: str | Path = "results", data_root: str | None = None,
                  device: str | torch.device = "cpu", max_images: int | None = None,
-                 run_id: str | None = None, preset: str | None = None, study: str | None = None) -> list[Path]:
-    """`analyze_run` for every FINISHED SE run of `grid` trained with `preset` (or just `run_id`);
-    one progress line per run on stderr."""
+                 run_id: str | Sequence[str] | None = None, preset: str | None = None,
+                 study: str | None = None) -> list[Path]:
+    """`analyze_run` for every FINISHED SE run of `grid` trained with `preset` that has its weights in the
+    store (or just the run(s) `run_id`); one progress line per run on stderr.
+
+    Runs without weights (a store restored from a record keeps only the models named at export) are
+    skipped with one line; a named run without them is an error."""
     check_output_dir(results_dir)
     client = MlflowClient(tracking_uri=tracking_uri)
-    runs = [get_run(client, run_id)] if run_id else se_runs(client, grid, preset)
+    named = [run_id] if isinstance(run_id, str) else list(run_id or [])
+    if named:
+        runs = [get_run(client, r) for r in named]
+    else:
+        found = se_runs(client, grid, preset)
+        runs = [r for r in found if has_weights(client, r.info.run_id)]
+        if len(runs) < len(found):
+            print(f"role of SE: {len(found) - len(runs)} of {len(found)} SE run(s) of {grid} have no weights in this "
+                  f"store (a restored record keeps only the models named at export): skipped",
+                  file=sys.stderr, flush=True)
     if not runs:
         which = f" with preset {preset}" if preset else " without a preset"
-        print(f"role of SE: grid {grid} has no FINISHED run with SE blocks{which}", file=sys.stderr, flush=True)
+        print(f"role of SE: grid {grid} has no FINISHED run with SE blocks and weights{which}", file=sys.stderr,
+              flush=True)
     device = resolve_device(device)
     if runs:
         print(f"role of SE: {len(runs)} run(s) of {grid} on {device}", file=sys.stderr, flush=True)
