@@ -379,8 +379,8 @@ class _Progress:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def start_cell(self, cell, epochs: int) -> None:
-        self.inner.start_cell(cell, epochs)
+    def start_cell(self, cell, epochs: int, done: float = 0.0) -> None:
+        self.inner.start_cell(cell, epochs, done)
         if self.on_start:
             self.on_start()
 

@@ -106,3 +106,32 @@ def test_files_named_after_their_writer_tell_a_dead_writer_from_a_live_one(tmp_p
         assert not abandoned(tmp_path / f".gone@{host}@{dead_pid}.tmp")
     finally:
         live.communicate(b"")
+
+
+def test_a_resumed_cell_s_eta_is_paced_by_the_part_trained_in_this_process(monkeypatch):
+    """A cell resumed at epoch 6 of 8 that trains one epoch in 100 s has 100 s left, not 14 s (the
+    6 checkpointed epochs took no time here); as a finished cell it counts as 800 s for the grid's ETA."""
+    import io
+
+    from types import SimpleNamespace
+
+    from ablations.run import progress as P
+    from ablations.train import EpochStats
+
+    clock = [1000.0]
+    monkeypatch.setattr(P.time, "perf_counter", lambda: clock[0])  # a clock the test moves: no waiting
+    out = io.StringIO()
+    grid = P.GridProgress("g", 2, stream=out, live=False)
+    cell = SimpleNamespace(grid="g", variant="r=16", seed=1, cell_id="c0")  # what the display reads of a Cell
+    grid.start_cell(cell, 8, done=6 / 8)
+    clock[0] += 100
+    grid.on_epoch(EpochStats(7, 0.9, 20.0, 21.0, 1.0, 0.1, 100.0, 300.0))
+    assert "cell ETA 1m40s" in out.getvalue().splitlines()[-1]
+    assert "grid ETA 15m00s" in out.getvalue().splitlines()[-1]  # 100 s here, then one whole cell of 800 s
+    clock[0] += 100
+    grid.end_cell(cell, "FINISHED")
+    assert grid.trained_seconds == [800.0]
+    grid.start_cell(cell, 8)  # a fresh cell: paced from its start, as before
+    clock[0] += 100
+    grid.on_epoch(EpochStats(1, 2.0, 60.0, 55.0, 10.0, 0.1, 100.0, 300.0))
+    assert "cell ETA 11m40s" in out.getvalue().splitlines()[-1]

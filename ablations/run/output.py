@@ -56,9 +56,9 @@ class WorkerProgress(GridProgress):
         eta = super()._grid_eta()
         return eta / self.parallel if eta else eta
 
-    def start_cell(self, cell: Cell, epochs: int) -> None:
+    def start_cell(self, cell: Cell, epochs: int, done: float = 0.0) -> None:
         self._sync()
-        super().start_cell(cell, epochs)
+        super().start_cell(cell, epochs, done)
 
     def end_cell(self, cell: Cell, status: str, summary: str = "") -> None:
         self._sync()  # the trial is told after this line, so `done` counts it once when it goes up by one

@@ -49,10 +49,11 @@ class GridProgress:
         if left == 0:
             return 0.0
         per_cell = sum(self.trained_seconds) / len(self.trained_seconds) if self.trained_seconds else None
-        if self._cell_start is not None and self._fraction > 0:
+        if self._cell_start is not None and self._fraction > self._resumed_at:
             elapsed = time.perf_counter() - self._cell_start
-            current_left = eta(elapsed, self._fraction)
-            per_cell = per_cell or elapsed + current_left  # the running cell's own pace, until one has ended
+            current_left = self._cell_eta(elapsed)
+            # the running cell's own pace, until one has ended (a resumed cell's, scaled to a whole cell)
+            per_cell = per_cell or (elapsed + current_left) / (1 - self._resumed_at)
             return current_left + per_cell * (left - 1)
         return per_cell * left if per_cell else None
 
@@ -64,7 +65,15 @@ class GridProgress:
 
     # -- grid events ----------------------------------------------------------------------------------------
     _cell_start: float | None = None
-    _fraction = 0.0
+    _fraction = 0.0  # of the running cell, done
+    _resumed_at = 0.0  # of the running cell, done before this process took it up (its checkpoint)
+
+    def _cell_eta(self, elapsed: float) -> float | None:
+        """Seconds left in the running cell, at the pace of the part trained here: a resumed cell's
+        earlier part took no time in this process and would make the pace look faster than it is."""
+        if self._resumed_at >= 1:
+            return 0.0
+        return eta(elapsed, (self._fraction - self._resumed_at) / (1 - self._resumed_at))
 
     def note(self, line: str) -> None:
         self._print(line)
@@ -74,9 +83,11 @@ class GridProgress:
         self._print(f"[{self.grid}] {self.done}/{self.total} skip {cell.variant} seed={cell.seed} ({why})")
         self._refresh()
 
-    def start_cell(self, cell: Cell, epochs: int) -> None:
+    def start_cell(self, cell: Cell, epochs: int, done: float = 0.0) -> None:
+        """`done`: the fraction of the cell its checkpoint holds (0 for a fresh start)."""
         self.cell, self.epochs = cell, epochs
-        self._cell_start, self._fraction, self._last_step_line = time.perf_counter(), 0.0, time.perf_counter()
+        self._cell_start, self._last_step_line = time.perf_counter(), time.perf_counter()
+        self._fraction = self._resumed_at = done
         self._print(f"[{self.grid}] cell {self.done + 1}/{self.total}: {cell.variant} seed={cell.seed} "
                     f"(cell_id {cell.cell_id}), {epochs} epoch{'' if epochs == 1 else 's'}")
         if self._bars is not None:
@@ -85,10 +96,10 @@ class GridProgress:
 
     def end_cell(self, cell: Cell, status: str, summary: str = "") -> None:
         seconds = time.perf_counter() - (self._cell_start or time.perf_counter())
-        if status == "FINISHED":
-            self.trained_seconds.append(seconds)
+        if status == "FINISHED" and self._resumed_at < 1:  # as the time of a whole cell, at this pace
+            self.trained_seconds.append(seconds / (1 - self._resumed_at))
         self.done += 1
-        self._cell_start, self._fraction = None, 0.0
+        self._cell_start, self._fraction, self._resumed_at = None, 0.0, 0.0
         self._print(f"[{self.grid}] {self.done}/{self.total} {status} {cell.variant} seed={cell.seed} "
                     f"in {fmt_duration(seconds)}{' - ' + summary if summary else ''}; grid ETA {fmt_duration(self._grid_eta())}")
         if self._bars is not None:
@@ -104,7 +115,7 @@ class GridProgress:
     def on_step(self, epoch: int, step: int, steps: int, loss: float | None) -> None:
         self._fraction = (epoch - 1 + step / steps) / self.epochs
         now = time.perf_counter()
-        cell_eta = eta(now - self._cell_start, self._fraction)
+        cell_eta = self._cell_eta(now - self._cell_start)
         loss_txt = f" loss {loss:.3f}" if loss is not None else ""
         if self._bars is not None:
             self._bars.update(self._cell_task, completed=epoch - 1 + step / steps,
@@ -116,7 +127,7 @@ class GridProgress:
 
     def on_epoch(self, s: EpochStats) -> None:
         self._fraction = s.epoch / self.epochs
-        cell_eta = eta(time.perf_counter() - (self._cell_start or time.perf_counter()), self._fraction)
+        cell_eta = self._cell_eta(time.perf_counter() - (self._cell_start or time.perf_counter()))
         self._print(
             f"    epoch {s.epoch}/{self.epochs}  loss {s.train_loss:.3f}  train err {s.train_err:.1f}%  "
             f"test err top-1 {s.test_top1_err:.2f}% top-5 {s.test_top5_err:.2f}%  lr {s.lr:.3g}  "

@@ -202,10 +202,11 @@ def run_cell(cell: Cell, config: ExperimentConfig, data: Dataset, run: CellRun, 
         observer.logged = run.logged_steps("test_top1_err")
         for h in resume["history"]:  # epochs checkpointed but not logged before the stop
             observer.log(EpochStats(**h))
-    progress.start_cell(cell, config.train.epochs)
+    steps = len(data.train.labels) // config.train.batch_size or 1
+    done = 0.0 if resume is None else (resume["epoch"] + resume["step_in_epoch"] / steps) / config.train.epochs
+    progress.start_cell(cell, config.train.epochs, done)
     on_checkpoint = None
     if checkpoints is not None:
-        steps = len(data.train.labels) // config.train.batch_size or 1
 
         def on_checkpoint(state: dict) -> None:
             if guard:  # a worker that may have lost its cell checkpoints nothing
