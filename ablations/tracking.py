@@ -140,20 +140,37 @@ def is_locked_error(exc: BaseException) -> bool:
     return "database is locked" in text or "database table is locked" in text
 
 
-def retry_locked(fn: Callable[..., T], *args: Any, budget: float = LOCK_RETRY_SECONDS, **kwargs: Any) -> T:
-    """Call `fn`, retrying with jittered exponential backoff while the store reports a lock.
-
-    Safe to repeat: a statement that hit the lock was rolled back, so nothing was written.
-    """
-    delay, deadline = 0.05, time.monotonic() + budget
+def _backoff(fn: Callable[..., T], args: tuple, kwargs: dict, *, retry_if: Callable[[Exception], bool],
+             first: float, cap: float, budget: float, on_retry: Callable[[Exception, float], None] | None = None,
+             give_up: Callable[[Exception], Exception] | None = None) -> T:
+    """Call `fn`, retrying with jittered exponential backoff (`first` seconds, doubling up to `cap`) while
+    `retry_if(error)`, for up to `budget` seconds; then the last error, or `give_up(error)` in its place.
+    The jitter spreads out callers that met the same failure together, so they don't collide again."""
+    delay, deadline = first, time.monotonic() + budget
     while True:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            if not is_locked_error(exc) or time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if not retry_if(exc):
                 raise
-        time.sleep(delay * random.uniform(0.5, 1.5))  # jitter: writers that collided don't collide again
-        delay = min(2 * delay, 2.0)
+            if left <= 0:
+                if give_up is None:
+                    raise
+                raise give_up(exc) from exc
+            pause = min(delay * random.uniform(0.5, 1.5), left)
+            if on_retry is not None:
+                on_retry(exc, pause)
+        time.sleep(pause)
+        delay = min(2 * delay, cap)
+
+
+def retry_locked(fn: Callable[..., T], *args: Any, budget: float = LOCK_RETRY_SECONDS, **kwargs: Any) -> T:
+    """Call `fn`, retrying with backoff (50 ms up to 2 s) while the store reports a lock.
+
+    Safe to repeat: a statement that hit the lock was rolled back, so nothing was written.
+    """
+    return _backoff(fn, args, kwargs, retry_if=is_locked_error, first=0.05, cap=2.0, budget=budget)
 
 
 STORE_OUTAGE_SECONDS = 300.0  # how long a call that cannot reach the store is retried before it gives up
@@ -176,26 +193,22 @@ def is_store_answer(exc: BaseException) -> bool:
 
 
 def retry_outage(fn: Callable[..., T], *args: Any, what: str, budget: float | None = None, **kwargs: Any) -> T:
-    """Call `fn`, retrying with jittered exponential backoff (1 s up to 30 s) while the store does not
-    answer, for up to `budget` seconds (STORE_OUTAGE_SECONDS); then raise StoreUnreachable. The store's
-    answers (`is_store_answer`) are raised as they are. Each failure is one line on stderr naming `what`."""
+    """Call `fn`, retrying with backoff (1 s up to 30 s) while the store does not answer, for up to
+    `budget` seconds (STORE_OUTAGE_SECONDS); then raise StoreUnreachable. The store's answers
+    (`is_store_answer`) are raised as they are. Each failure is one line on stderr naming `what`."""
     budget = STORE_OUTAGE_SECONDS if budget is None else budget
-    delay, deadline = 1.0, time.monotonic() + budget
-    while True:
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:
-            if is_store_answer(exc):
-                raise
-            text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise StoreUnreachable(f"tracking store unreachable for {budget:.0f}s ({what}): {text}") from exc
-        pause = min(delay * random.uniform(0.5, 1.5), left)  # jitter: workers that met the outage together spread out
-        print(f"warning: tracking store unreachable ({what}): {text}; retrying in {pause:.1f}s "
+
+    def text(exc: Exception) -> str:
+        return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+
+    def warn(exc: Exception, pause: float) -> None:
+        print(f"warning: tracking store unreachable ({what}): {text(exc)}; retrying in {pause:.1f}s "
               f"(giving up after {budget:.0f}s)", file=sys.stderr, flush=True)
-        time.sleep(pause)
-        delay = min(2 * delay, 30.0)
+
+    return _backoff(fn, args, kwargs, retry_if=lambda exc: not is_store_answer(exc), first=1.0, cap=30.0,
+                    budget=budget, on_retry=warn,
+                    give_up=lambda exc: StoreUnreachable(f"tracking store unreachable for {budget:.0f}s ({what}): "
+                                                         f"{text(exc)}"))
 
 
 class RetryingClient:
