@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
 import tarfile
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -83,3 +87,46 @@ def wait_until(condition, what: str, timeout: float = SAFETY_TIMEOUT, every: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timeout: {what} did not happen within {timeout:.0f} s (a safety limit)")
         time.sleep(every)
+
+
+def stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped by a signal (Linux /proc)."""
+    return re.search(r"^State:\s*T", Path(f"/proc/{pid}/status").read_text(), re.M) is not None
+
+
+def freeze_at_checkpoint(proc, store_dir: Path, who: str, wanted: Callable[[dict], bool], output: Callable[[], str],
+                         also: Callable[[], bool] = lambda: True):
+    """SIGSTOP worker `proc` (run tag `worker` = `who`) once one of its cells' checkpoints under
+    `store_dir/checkpoints` has a manifest that `wanted(meta)` accepts, and return that cell's RUNNING
+    run: the worker is then mid-cell with that checkpoint however fast this machine is. Stopped at a
+    moment when the checkpoint has moved on, or `also()` is false (e.g. it holds a lock), it is let
+    go on and stopped again. `output()`: what the worker wrote, shown if it ends early."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store_dir / 'mlflow.db'}")
+
+    def meta_of(f: Path) -> dict | None:
+        try:
+            meta = json.loads(f.read_text())  # written atomically, deleted when the cell finishes
+        except (OSError, ValueError):
+            return None
+        return meta if wanted(meta) else None
+
+    def held(meta: dict | None):
+        run = None if meta is None else client.get_run(meta["run_id"])
+        return run if run is not None and run.data.tags.get("worker") == who else None
+
+    def frozen():
+        assert proc.poll() is None, f"worker {who} ended early:\n" + output()
+        for f in (store_dir / "checkpoints").glob("*/last.json"):
+            if held(meta_of(f)) is None:
+                continue
+            proc.send_signal(signal.SIGSTOP)
+            wait_until(lambda: stopped(proc.pid), f"worker {who} to stop")
+            run = held(meta_of(f))  # still so once stopped? (it may have gone on in between)
+            if run is not None and run.info.status == "RUNNING" and also():
+                return run
+            proc.send_signal(signal.SIGCONT)
+        return None
+
+    return wait_until(frozen, f"a checkpoint of worker {who} mid-cell", every=0.05)

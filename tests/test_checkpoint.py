@@ -35,7 +35,7 @@ from ablations.data import load_dataset
 from ablations.errors import EXIT_PREEMPTED, EXIT_TIME_LIMIT
 from ablations.train import TrainingStopped, seed_everything, train
 from ablations.util.device import native_bf16
-from conftest import wait_until
+from conftest import stopped, wait_until
 from senet import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -638,14 +638,10 @@ def _saver(folder: Path, epoch: int, how: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _stopped(pid: int) -> bool:
-    return re.search(r"^State:\s*T", Path(f"/proc/{pid}/status").read_text(), re.M) is not None
-
-
 def _paused_saver(folder: Path, epoch: int) -> subprocess.Popen:
     """A live writer of `folder`, stopped in the middle of its save."""
     proc = _saver(folder, epoch, "pause")
-    wait_until(lambda: _stopped(proc.pid) or proc.poll() is not None, f"a writer of {folder.name} pausing mid-save")
+    wait_until(lambda: stopped(proc.pid) or proc.poll() is not None, f"a writer of {folder.name} pausing mid-save")
     assert proc.poll() is None, proc.stdout.read()
     return proc
 

@@ -33,8 +33,8 @@ from ablations.config import load_experiments, resolve_cells
 from ablations.run import cellqueue as Q
 from ablations.run import heartbeat as H
 from ablations.run.runner import CellAborted
-from conftest import wait_for_exit, wait_until
-from test_workers import postgres_url, stopped  # noqa: F401 (a fixture, shared with test_workers)
+from conftest import freeze_at_checkpoint, stopped, wait_for_exit, wait_until
+from test_workers import postgres_url  # noqa: F401 (a fixture, shared with test_workers)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,35 +141,10 @@ def freeze_quiet(proc: subprocess.Popen, journal: Path, who: str) -> None:
 
 
 def freeze_at(d: Path, proc: subprocess.Popen, log: Path, who: str, epoch: int) -> object:
-    """SIGSTOP `proc` once its cell has checkpointed `epoch` (of 3) in a run it holds (tag `worker`),
-    and return that RUNNING run: the worker is then mid-cell however fast this machine is (and holds
-    no lock: see holds_no_lock)."""
-    client = MlflowClient(tracking_uri=uri(d))
-
-    def meta_now(f: Path) -> dict | None:
-        try:
-            meta = json.loads(f.read_text())  # written atomically, deleted when the cell finishes
-        except (OSError, ValueError):
-            return None
-        return meta if meta["epoch"] == epoch else None
-
-    def frozen() -> object:
-        assert proc.poll() is None, f"worker {who} ended early:\n" + log.read_text()
-        for f in (d / "checkpoints").glob("*/last.json"):
-            meta = meta_now(f)
-            if meta is None or client.get_run(meta["run_id"]).data.tags.get("worker") != who:
-                continue
-            proc.send_signal(signal.SIGSTOP)
-            wait_until(lambda: stopped(proc.pid), f"worker {who} to stop")
-            meta = meta_now(f)  # still there once stopped? (it may have gone on in between)
-            run = None if meta is None else client.get_run(meta["run_id"])
-            if run is not None and run.info.status == "RUNNING" and run.data.tags.get("worker") == who \
-                    and holds_no_lock(proc.pid, d / "q.journal"):
-                return run
-            proc.send_signal(signal.SIGCONT)
-        return None
-
-    return wait_until(frozen, f"worker {who}'s checkpoint of epoch {epoch}", every=0.05)
+    """SIGSTOP `proc` once its cell has checkpointed `epoch` (of 3), holding no lock (see holds_no_lock);
+    return that RUNNING run."""
+    return freeze_at_checkpoint(proc, d, who, lambda meta: meta["epoch"] == epoch, log.read_text,
+                                also=lambda: holds_no_lock(proc.pid, d / "q.journal"))
 
 
 def metric_steps(d: Path, run_id: str, key: str = "test_top1_err") -> list[int]:

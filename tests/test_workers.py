@@ -7,7 +7,6 @@ Every cell must end FINISHED exactly once, whatever happens to the workers.
 from __future__ import annotations
 
 import glob
-import json
 import multiprocessing
 import os
 import pwd
@@ -35,7 +34,7 @@ from ablations.cli import main
 from ablations.config import load_experiments, resolve_cells
 from ablations.run.runner import CellAborted
 from ablations.tracking import retry_locked
-from conftest import SAFETY_TIMEOUT, wait_for_exit, wait_until
+from conftest import SAFETY_TIMEOUT, freeze_at_checkpoint, stopped, wait_for_exit, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,43 +129,6 @@ def completed_once(trials: list, n: int) -> list:
     assert all(t.state == TrialState.FAIL and "failure_kind" not in t.user_attrs and t.user_attrs.get("attempt", 0) == 0
                for t in others), [(t.number, t.state, t.user_attrs) for t in others]
     return complete
-
-
-def freeze_at_checkpoint(d: Path, grid: str, proc: subprocess.Popen, worker: str) -> object:
-    """SIGSTOP `proc` once its cell of `grid` has checkpointed an epoch short of the last and return that
-    RUNNING run: the worker is then mid-cell with a checkpoint however fast this machine is. (Waiting for a
-    logged epoch was not enough: on a quiet machine the kill could land before the checkpoint was written.)"""
-    client = MlflowClient(tracking_uri=uri(d))
-
-    def mid_cell(f: Path) -> dict | None:
-        try:
-            meta = json.loads(f.read_text())  # written atomically, deleted when the cell finishes
-        except (OSError, ValueError):
-            return None
-        return meta if meta["grid"] == grid and meta["epoch"] < meta["epochs"] else None
-
-    def frozen() -> object:
-        assert proc.poll() is None, f"worker {worker} ended early:\n" + proc.stdout.read()
-        for f in (d / "checkpoints").glob("*/last.json"):
-            meta = mid_cell(f)
-            if meta is None or client.get_run(meta["run_id"]).data.tags.get("worker") != worker:
-                continue
-            proc.send_signal(signal.SIGSTOP)
-            wait_until(lambda: stopped(proc.pid), f"worker {worker} to stop")
-            # still mid-cell once stopped? (it may have gone on to finish the cell in between)
-            meta = mid_cell(f)
-            run = None if meta is None else client.get_run(meta["run_id"])
-            if run is not None and run.info.status == "RUNNING":
-                return run
-            proc.send_signal(signal.SIGCONT)
-        return None
-
-    return wait_until(frozen, f"a mid-cell checkpoint of worker {worker}", every=0.05)
-
-
-def stopped(pid: int) -> bool:
-    """Whether process `pid` is stopped by a signal (Linux /proc)."""
-    return re.search(r"^State:\s*T", Path(f"/proc/{pid}/status").read_text(), re.M) is not None
 
 
 # ----------------------------------------------------------------------------- PostgreSQL
@@ -275,7 +237,8 @@ def test_sigkilled_worker_cell_is_taken_back_and_finished_once(workdir):
     # the victim holds a cell before the survivor starts
     wait_until(lambda: any(r.data.tags.get("worker") == "victim" for r in runs(workdir, "killed")), "the victim's first cell")
     procs.append(start(workdir, *worker, "--worker-id", "survivor"))
-    victim_run = freeze_at_checkpoint(workdir, "killed", procs[0], "victim")
+    victim_run = freeze_at_checkpoint(  # a checkpoint of its cell, an epoch short of the last
+        procs[0], workdir, "victim", lambda m: m["grid"] == "killed" and m["epoch"] < m["epochs"], procs[0].stdout.read)
     procs[0].send_signal(signal.SIGKILL)  # kills a stopped process too
     procs[0].communicate()  # reaps it and closes its pipe
     out = wait_for_exit(procs[1])
