@@ -28,7 +28,7 @@ from mlflow.entities import Metric, Param, Run
 
 from ablations.errors import StoreError
 from ablations.tracking import (PARENT_RUN_ID, REUSED_FROM_RUN, client_for, ensure_experiment, ensure_parent,
-                                has_weights, is_link, runs_of)
+                                download_artifact, has_weights, is_link, runs_of)
 
 RECORD_OF = "record_of_run"  # the id the run had in the store it was first recorded from
 
@@ -174,7 +174,7 @@ def _keep_models(src: MlflowClient, keep: dict[str, str], recorded: set[str], fo
             for name in MODEL_FILES:
                 target = folder / first / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src.download_artifacts(run_id, name, tmp), target)
+                shutil.copyfile(download_artifact(src, run_id, name, tmp), target)
 
 
 def restore_record(path: Path, store_uri: str, grids: list[str] | None = None) -> Copied:

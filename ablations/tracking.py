@@ -229,6 +229,15 @@ class RetryingClient:
         return call
 
 
+def download_artifact(client: MlflowClient, run_id: str, path: str, dst: str) -> Path:
+    """One artifact of the run into `dst`, or StoreError in one line."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: a bar is noise
+    try:
+        return Path(client.download_artifacts(run_id, path, dst))
+    except Exception as exc:  # MLflow raises different types per store; the caller needs one clear message
+        raise StoreError(f"run {run_id}: cannot read artifact {path!r}: {str(exc).splitlines()[0]}") from exc
+
+
 def has_weights(client: MlflowClient, run_id: str) -> bool:
     """Whether a run has its final weights as an artifact (one listing; no download)."""
     return any(a.path == "model/weights.pt" for a in client.list_artifacts(run_id, "model"))

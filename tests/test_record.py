@@ -58,8 +58,9 @@ def cli(here: Path, store: Path, *args: str) -> int:
 
 
 def tables(folder: Path) -> dict[str, bytes]:
+    """The report's tables under `folder` (the role-of-SE analysis is not the report's: its own test below)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.suffix in (".md", ".tex", ".csv") and p.name != "README.md"}
+            if p.suffix in (".md", ".tex", ".csv") and p.name != "README.md" and "role_of_se" not in p.parts}
 
 
 def test_record_restores_into_a_fresh_store_that_reports_the_same_and_resumes(here, capsys):
@@ -221,3 +222,23 @@ def test_committed_study_resumes_from_its_record_without_training_a_finished_cel
         assert main(["--config", str(ROOT / "experiments.yaml"), "--grid", grid, "--preset", "cpu", "--tracking-uri", uri(store), "--data-root", str(DATA),
                      "--results-dir", str(tmp_path / "results")]) == 0
         assert f"grid {grid}: 0 finished," in capsys.readouterr().err
+
+
+ROLE_OF_SE = STUDY / "reduction" / "role_of_se"
+
+
+@pytest.mark.slow  # the analysis runs the full CIFAR-10 test split: about 3 min on 2 cores
+@pytest.mark.skipif(not (STUDY / "record.db.models").is_dir(), reason="no model committed with the CPU study's record yet")
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} is absent (the CIFAR-10 JPEGs the study trained on)")
+def test_committed_role_of_se_regenerates_from_the_model_kept_with_the_record(tmp_path):
+    """The committed role-of-SE statistics and findings come from the model committed beside the record:
+    restored and analysed again, they are the same byte for byte (figures aside: PNG/PDF encoders)."""
+    store = tmp_path / "restored.db"
+    assert main(["--restore-record", str(STUDY / "record.db"), "--tracking-uri", uri(store)]) == 0
+    out = tmp_path / "results"
+    assert main(["--config", str(ROOT / "experiments.yaml"), "--analyze", "--grid", "reduction", "--preset", "cpu",
+                 "--tracking-uri", uri(store), "--data-root", str(DATA), "--results-dir", str(out), "--device", "cpu"]) == 0
+    committed = {str(p.relative_to(ROLE_OF_SE)): p.read_bytes() for p in sorted(ROLE_OF_SE.rglob("*"))
+                 if p.suffix in (".csv", ".md")}
+    again = out / STUDY.name / "reduction" / "role_of_se"
+    assert committed and {k: (again / k).read_bytes() for k in committed} == committed

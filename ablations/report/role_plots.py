@@ -99,10 +99,17 @@ def class_means_figure(stats: ExcitationStats, title: str) -> Figure:
         _bounded_ylim(ax, stats.bound, float(np.nanmin(shown)), float(np.nanmax(shown)))
     fig.supylabel(f"mean excitation ({stats.gate})")
     which = "" if len(classes) == len(stats.classes) else f"; {len(classes)} of {len(stats.classes)} classes (evenly spaced indices)"
-    fig.suptitle(f"{title}\nMean excitation per class (colours) and over all classes (black); "
-                 f"channels: the first {MAX_CHANNELS} indices of each block (all if fewer){which}{_spatial_note(stats)}", fontsize=11)
+    _suptitle(fig, f"{title}\nMean excitation per class (colours) and over all classes (black); "
+                   f"channels: the first {MAX_CHANNELS} indices of each block (all if fewer){which}{_spatial_note(stats)}")
     _bottom_legend(fig, axes[0])
     return fig
+
+
+def _suptitle(fig: Figure, text: str, fontsize: float = 11) -> None:
+    """The figure's title, each line wrapped to the figure's width (a long study label would be cut
+    off at both edges: the title is centred)."""
+    per_line = max(40, int(fig.get_figwidth() * 72 / (fontsize * 0.6)))  # ~0.6 em per character
+    fig.suptitle("\n".join(textwrap.fill(line, per_line) for line in text.split("\n")), fontsize=fontsize)
 
 
 def _bottom_legend(fig: Figure, ax: Axes) -> None:
@@ -131,8 +138,8 @@ def within_class_figure(stats: ExcitationStats, title: str, class_index: int = 0
         _channel_axis(ax, ch)
         _bounded_ylim(ax, stats.bound, float(np.nanmin(mean - std)), float(np.nanmax(mean + std)))
     fig.supylabel(f"excitation ({stats.gate})")
-    fig.suptitle(f"{title}\nExcitation within class '{name}' ({n} images): mean ± 1 std (population) per channel; "
-                 f"channels: the first {MAX_CHANNELS} indices (all if fewer){_spatial_note(stats)}", fontsize=11)
+    _suptitle(fig, f"{title}\nExcitation within class '{name}' ({n} images): mean ± 1 std (population) per channel; "
+                   f"channels: the first {MAX_CHANNELS} indices (all if fewer){_spatial_note(stats)}")
     _bottom_legend(fig, axes[0])
     return fig
 
@@ -180,7 +187,7 @@ def specificity_figure(table: pd.DataFrame, title: str) -> Figure:
     ax.set_ylabel("class-specificity (between-class share of variance)")
     ax.set_title("\n".join(textwrap.wrap(SPECIFICITY_DEFINITION, 120)), fontsize=8, loc="left")
     _stage_legend(ax, table, bars=False)
-    fig.suptitle(title, fontsize=11)
+    _suptitle(fig, title)
     return fig
 
 
@@ -222,7 +229,7 @@ def saturation_figure(table: pd.DataFrame, title: str, bound: float | None, leve
         _bounded_ylim(bottom, bound, float((mean - lower).min()), float((mean + std).max()))
     _depth_axis(bottom, table)
     bottom.set_xlabel("SE block (forward order)")
-    fig.suptitle(title, fontsize=11)
+    _suptitle(fig, title)
     return fig
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import tempfile
@@ -14,15 +13,7 @@ from torch import Tensor
 
 from ablations.config import ExperimentConfig
 from ablations.errors import StoreError, WeightsError
-
-
-def download_artifact(client: MlflowClient, run_id: str, path: str, dst: str) -> Path:
-    """One artifact of the run into `dst`, or StoreError in one line."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: a bar is noise
-    try:
-        return Path(client.download_artifacts(run_id, path, dst))
-    except Exception as exc:  # MLflow raises different types per store; the caller needs one clear message
-        raise StoreError(f"run {run_id}: cannot read artifact {path!r}: {str(exc).splitlines()[0]}") from exc
+from ablations.tracking import download_artifact
 
 
 def load_weights(path: Path, what: str) -> dict[str, Tensor]:
