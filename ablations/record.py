@@ -203,6 +203,9 @@ def _log_models(dst: MlflowClient, copied: Copied, folder: Path) -> int:
             continue
         if has_weights(dst, run_id):
             continue
+        missing = [name for name in MODEL_FILES if not (model / name).is_file()]
+        if missing:  # e.g. a clone where git left the weights out
+            raise StoreError(f"--restore-record: the kept model {model} lacks {', '.join(missing)}")
         for name in MODEL_FILES:
             dst.log_artifact(run_id, str(model / name), str(Path(name).parent) if "/" in name else None)
         logged += 1
